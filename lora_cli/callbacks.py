@@ -1,0 +1,180 @@
+"""Trainer callbacks: metrics.jsonl, progress on the terminal, and stopping cleanly on a signal.
+
+Only the main process (rank 0) writes or prints; every rank sees the same stop request.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+# Keys of the Trainer's log dicts that we keep in metrics.jsonl.
+_TRAIN_KEYS = ("loss", "learning_rate", "grad_norm", "epoch")
+_EVAL_PREFIX = "eval_"
+
+
+def _clean(value):
+    """JSON has no NaN/inf; write them as strings so a bad step is still visible."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricsFileCallback(TrainerCallback):
+    """Appends one JSON object per training log (step, loss, learning_rate, ...) or eval."""
+
+    def __init__(self, path: Path, tokens):
+        self.path = Path(path)
+        self.tokens = tokens  # TokenCounter: throughput figures added to each training line
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        if "loss" in logs:
+            line = {"step": state.global_step, **{k: logs[k] for k in _TRAIN_KEYS if k in logs}}
+            line.update(self.tokens.snapshot())
+        elif any(k.startswith(_EVAL_PREFIX) for k in logs):
+            line = {"step": state.global_step, **{k: v for k, v in logs.items() if k.startswith(_EVAL_PREFIX)}}
+        else:
+            return  # the end-of-training summary goes to run.json instead
+        line = {k: _clean(v) for k, v in line.items()}
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+class TokenCounter:
+    """Counts supervised and non-pad tokens seen by training steps (fed by LoraTrainer)."""
+
+    def __init__(self):
+        self.supervised = 0
+        self.nonpad = 0
+        self.started = None
+        self.first_step_at = None
+
+    def add(self, supervised: int, nonpad: int) -> None:
+        now = time.perf_counter()
+        if self.started is None:
+            self.started = now
+        self.supervised += supervised
+        self.nonpad += nonpad
+
+    def mark_first_step(self) -> None:
+        if self.first_step_at is None:
+            self.first_step_at = time.perf_counter()
+
+    def snapshot(self) -> dict:
+        if self.started is None:
+            return {}
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        return {
+            "supervised_tokens": self.supervised,
+            "tokens_per_second": round(self.nonpad / elapsed, 1),
+        }
+
+
+class ProgressCallback(TrainerCallback):
+    """A rich progress bar on a terminal; plain log lines when piped or in CI."""
+
+    def __init__(self, tokens: TokenCounter, console=None):
+        from rich.console import Console
+
+        self.tokens = tokens
+        self.console = console or Console(stderr=True)
+        self.progress = None
+        self.task = None
+        self.last = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        if self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.progress = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("<"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                console=self.console, transient=False,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, info="")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step, info=self._info())
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        if "loss" in logs:
+            self.last["loss"] = logs["loss"]
+            self.last["lr"] = logs.get("learning_rate")
+        if "eval_loss" in logs:
+            self.last["eval_loss"] = logs["eval_loss"]
+        if self.progress is not None:
+            self.progress.update(self.task, info=self._info())
+        elif "loss" in logs or "eval_loss" in logs:
+            print(f"step {state.global_step}/{state.max_steps} {self._info()}", file=sys.stderr, flush=True)
+
+    def _info(self) -> str:
+        parts = []
+        if "loss" in self.last:
+            parts.append(f"loss {self.last['loss']:.4f}")
+        if "eval_loss" in self.last:
+            parts.append(f"eval {self.last['eval_loss']:.4f}")
+        if self.last.get("lr") is not None:
+            parts.append(f"lr {self.last['lr']:.2e}")
+        rate = self.tokens.snapshot().get("tokens_per_second")
+        if rate:
+            parts.append(f"{rate:.0f} tok/s")
+        return "  ".join(parts)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def close(self):
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+class StopOnSignalCallback(TrainerCallback):
+    """SIGINT / SIGTERM: finish the current step, save a checkpoint, stop.
+
+    A second Ctrl-C aborts at once (KeyboardInterrupt); the last complete checkpoint stays.
+    """
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. under some launchers): no handler
+                pass
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+        name = signal.Signals(signum).name
+        print(f"\n{name} received: finishing this step and saving a checkpoint "
+              "(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received is not None:
+            control.should_save = True
+            control.should_training_stop = True
+        return control

@@ -1,0 +1,68 @@
+"""Errors a user can act on.
+
+Every failure we can foresee is raised as a `LoraError` carrying a short message (what went
+wrong, naming the file / key / row) and a hint (what to do). The CLI prints both and exits with
+the error's code; nothing else of ours should surface as a traceback.
+"""
+
+from __future__ import annotations
+
+# Exit codes, as promised in the README.
+EXIT_OK = 0
+EXIT_RUNTIME = 1  # something failed while running (non-finite loss, out of memory, ...)
+EXIT_USAGE = 2  # bad command line, recipe, data or model reference
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT); SIGTERM uses 143
+
+
+class LoraError(Exception):
+    """A failure with a message for the user and a hint on how to fix it."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class RecipeError(LoraError):
+    """The recipe (YAML, keys, types, values, overrides) is wrong.
+
+    Holds every problem found, so the user can fix them all in one go.
+    """
+
+    def __init__(self, source: str, problems: list[str], hint: str | None = None):
+        self.source = source
+        self.problems = problems
+        if len(problems) == 1:
+            message = f"{source}: {problems[0]}"
+        else:
+            listed = "\n".join(f"  - {p}" for p in problems)
+            message = f"{source}: {len(problems)} problems\n{listed}"
+        super().__init__(message, hint)
+
+
+class DataError(LoraError):
+    """A data file or row cannot be used."""
+
+
+class ModelError(LoraError):
+    """The model reference cannot be resolved or loaded."""
+
+
+class RunDirError(LoraError):
+    """The run directory is in a state that forbids the command (exists, missing, incomplete)."""
+
+
+class TrainingError(LoraError):
+    """Training failed at run time (non-finite loss, out of memory)."""
+
+    exit_code = EXIT_RUNTIME
+
+
+class Interrupted(LoraError):
+    """The user (SIGINT) or the system (SIGTERM) stopped the run; progress was saved."""
+
+    def __init__(self, message: str, hint: str | None = None, exit_code: int = EXIT_INTERRUPTED):
+        super().__init__(message, hint)
+        self.exit_code = exit_code

