@@ -49,33 +49,32 @@ class MetricsFileCallback(TrainerCallback):
 
 
 class TokenCounter:
-    """Counts supervised and non-pad tokens seen by training steps (fed by LoraTrainer)."""
+    """Counts the supervised and input tokens of training steps (fed by LoraTrainer).
+
+    The rate is over the window since the previous snapshot, so a slow first step (warm-up,
+    lazy initialisation) does not drag the figure down for the rest of the run.
+    """
 
     def __init__(self):
         self.supervised = 0
-        self.nonpad = 0
-        self.started = None
-        self.first_step_at = None
+        self.tokens = 0  # non-pad tokens; packed batches count their (short) tail padding too
+        self._window = None  # (time, tokens) at the previous snapshot
+        self.rate = None  # tokens/s over the last window
 
-    def add(self, supervised: int, nonpad: int) -> None:
-        now = time.perf_counter()
-        if self.started is None:
-            self.started = now
+    def add(self, supervised: int, tokens: int) -> None:
+        if self._window is None:
+            self._window = (time.perf_counter(), 0)
         self.supervised += supervised
-        self.nonpad += nonpad
-
-    def mark_first_step(self) -> None:
-        if self.first_step_at is None:
-            self.first_step_at = time.perf_counter()
+        self.tokens += tokens
 
     def snapshot(self) -> dict:
-        if self.started is None:
+        if self._window is None:
             return {}
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
-        return {
-            "supervised_tokens": self.supervised,
-            "tokens_per_second": round(self.nonpad / elapsed, 1),
-        }
+        now = time.perf_counter()
+        since, tokens_then = self._window
+        self._window = (now, self.tokens)
+        self.rate = round((self.tokens - tokens_then) / max(now - since, 1e-9), 1)
+        return {"supervised_tokens": self.supervised, "tokens_per_second": self.rate}
 
 
 class ProgressCallback(TrainerCallback):
@@ -114,6 +113,7 @@ class ProgressCallback(TrainerCallback):
         if "loss" in logs:
             self.last["loss"] = logs["loss"]
             self.last["lr"] = logs.get("learning_rate")
+            self.last["rate"] = self.tokens.rate
         if "eval_loss" in logs:
             self.last["eval_loss"] = logs["eval_loss"]
         if self.progress is not None:
@@ -129,7 +129,7 @@ class ProgressCallback(TrainerCallback):
             parts.append(f"eval {self.last['eval_loss']:.4f}")
         if self.last.get("lr") is not None:
             parts.append(f"lr {self.last['lr']:.2e}")
-        rate = self.tokens.snapshot().get("tokens_per_second")
+        rate = self.last.get("rate")
         if rate:
             parts.append(f"{rate:.0f} tok/s")
         return "  ".join(parts)

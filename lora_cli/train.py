@@ -10,7 +10,9 @@ import hashlib
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -29,6 +31,12 @@ RESUME_BENIGN_KEYS = {
 def quiet_libraries() -> None:
     """Our own progress and messages replace the libraries' per-tensor bars and advice."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    # Deprecation notices addressed to library integrators, and peft's note that GPT-2's Conv1D
+    # layers are transposed (it handles that itself): noise for a user.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
     import datasets
     import transformers
 
@@ -197,8 +205,15 @@ def make_trainer_class():
     return LoraTrainer
 
 
-def run_training(recipe: Recipe, *, recipe_path: str | None, resume: bool, overwrite: bool) -> RunPaths:
-    """Train and save the adapter. Returns the run's paths; raises LoraError subclasses on failure."""
+@dataclass
+class TrainResult:
+    paths: RunPaths
+    model: Any  # the trained PeftModel, still in memory (tests compare it with the saved adapter)
+    final: dict
+
+
+def run_training(recipe: Recipe, *, recipe_path: str | None, resume: bool, overwrite: bool) -> TrainResult:
+    """Train and save the adapter. Raises LoraError subclasses on failure."""
     paths = prepare_run_dir(recipe.output_dir, resume=resume, overwrite=overwrite)
     checkpoint = None
     if resume:
@@ -220,7 +235,7 @@ def run_training(recipe: Recipe, *, recipe_path: str | None, resume: bool, overw
         raise
 
 
-def _train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> RunPaths:
+def _train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> TrainResult:
     quiet_libraries()
     import torch
     from transformers import set_seed
@@ -236,7 +251,7 @@ def _train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> RunPaths
     tokenizer = load_tokenizer(recipe.model, source)
     data = prepare_data(recipe.data, tokenizer, seed=recipe.train.seed)
     for line in data.report.lines():
-        print(f"data: {line}")
+        print(line)
     update_run_json(
         paths,
         model={"name": recipe.model.name, "source": source.description, "quantization": recipe.model.quantization},
@@ -262,6 +277,10 @@ def _train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> RunPaths
         processing_class=tokenizer,
         callbacks=[MetricsFileCallback(paths.metrics, tokens), progress, stopper],
     )
+    # Our ProgressCallback replaces the Trainer's raw printing of log dicts.
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
     trainer.tokens = tokens
     trainer.max_nonfinite_steps = recipe.train.max_nonfinite_steps
     stopper.install()
@@ -296,7 +315,11 @@ def _train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> RunPaths
 
     final = {"global_step": trainer.state.global_step, "train_loss": result.training_loss}
     if data.validation:
-        final["eval_loss"] = trainer.evaluate()["eval_loss"]
+        evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+        if evals and evals[-1].get("step") == trainer.state.global_step:
+            final["eval_loss"] = evals[-1]["eval_loss"]  # the Trainer just evaluated
+        else:
+            final["eval_loss"] = trainer.evaluate()["eval_loss"]
     if trainer.is_world_process_zero():
         with atomic_directory(paths.adapter) as tmp:
             model.save_pretrained(tmp)
@@ -310,12 +333,12 @@ def _train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> RunPaths
                 "total_seconds": round(time.perf_counter() - started, 2),
                 "train_seconds": round(train_seconds, 2),
                 "supervised_tokens": tokens.supervised,
-                "tokens_per_second": round(tokens.nonpad / max(train_seconds, 1e-9), 1),
+                "tokens_per_second": round(tokens.tokens / max(train_seconds, 1e-9), 1),
             },
         )
         print(f"adapter saved to {paths.adapter}  (final train loss {final['train_loss']:.4f}"
               + (f", eval loss {final['eval_loss']:.4f}" if "eval_loss" in final else "") + ")")
-    return paths
+    return TrainResult(paths, model, final)
 
 
 def _jsonable(obj) -> dict:

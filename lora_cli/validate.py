@@ -18,4 +18,4 @@ def run_validate(recipe: Recipe) -> None:
     tokenizer = load_tokenizer(recipe.model, source)
     data = prepare_data(recipe.data, tokenizer, seed=recipe.train.seed)
     for line in data.report.lines():
-        print(f"data: {line}")
+        print(line)

@@ -1,0 +1,59 @@
+"""Helpers shared by tests: small learnable datasets and recipes pointing at tiny models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lora_cli.config import Recipe, recipe_from_dict
+
+# A handful of fixed question/answer pairs: a tiny random model memorises them within a few
+# dozen steps, so "loss goes down" and "adapter differs from base" are real signals.
+PAIRS = [
+    ("Define: fox", "A quick brown animal."),
+    ("Define: dog", "A lazy friend."),
+    ("Define: one", "The first number."),
+    ("Define: ten", "Nine and one more."),
+    ("Define: model", "A tiny thing that learns."),
+    ("Define: paris", "The capital of France."),
+    ("Define: world", "Hello to all."),
+    ("Define: word", "A definition follows it."),
+]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def chat_rows(repeat: int = 4) -> list[dict]:
+    return [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for q, a in PAIRS
+    ] * repeat
+
+
+def completion_rows(repeat: int = 4) -> list[dict]:
+    return [{"prompt": q + "\n", "completion": a} for q, a in PAIRS] * repeat
+
+
+def tiny_recipe(model_dir: Path, train_file: Path, output_dir: Path, **sections) -> Recipe:
+    """A fast recipe on a tiny model: override any section's keys with dicts in `sections`."""
+    raw = {
+        "model": {"name": str(model_dir), "dtype": "float32"},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"train": str(train_file), "max_length": 64},
+        "train": {"max_steps": 40, "batch_size": 8, "lr": 1e-2, "warmup_ratio": 0.0, "log_every": 5, "scheduler": "constant"},
+        "output_dir": str(output_dir),
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            raw.setdefault(section, {}).update(values)
+        else:
+            raw[section] = values
+    return recipe_from_dict(raw)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
