@@ -96,6 +96,64 @@ def validate(recipe: RecipeArg, overrides: OverridesArg = None):
     run_validate(load_recipe(recipe, overrides or []))
 
 
+@app.command()
+def merge(
+    run: RunArg = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="float32 | bfloat16 | float16 (default: the run's model.dtype). The fold itself is always done in float32.", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write the merged model (default: RUN/merged).", show_default=False)] = None,
+    onto: Annotated[Optional[str], typer.Option("--onto", help="QLoRA runs: quantized (default) folds into the 4-bit weights as they dequantize, reproducing what was trained; original folds into the original full-precision weights.", show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing merged model.")] = False,
+):
+    """Fold the adapter into its base and save a plain transformers model (no peft needed).
+
+    Verifies the result first: the merged model's logits must equal base + adapter on probe inputs.
+    """
+    from lora_cli.merge import run_merge
+
+    run_merge(run, dtype=dtype, output=output, onto=onto, overwrite=overwrite)
+
+
+@app.command()
+def generate(
+    prompt: Annotated[Optional[str], typer.Argument(help="The prompt; `-` reads prompts from stdin, one per line.", show_default=False)] = None,
+    run: Annotated[Optional[Path], typer.Option("--run", help="Run directory whose base + adapter to use (default: the latest under ./runs).", show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Any model instead of a run: a model directory (e.g. RUN/merged), hub id, .gguf file or built-in name.", show_default=False)] = None,
+    base: Annotated[bool, typer.Option("--base", help="Turn the run's adapter off (same loaded base).")] = False,
+    chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Use the chat template (default: when the run trained on chat data).", show_default=False)] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Most tokens to generate per prompt.")] = 256,
+    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature; 0 is greedy.")] = 0.7,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling: keep the smallest set of tokens with this much probability.")] = 0.9,
+    top_k: Annotated[int, typer.Option("--top-k", help="Sample among the k likeliest tokens only (0: off).")] = 0,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed: makes sampling repeatable.", show_default=False)] = None,
+    no_stream: Annotated[bool, typer.Option("--no-stream", help="Print only the finished text, not tokens as they come.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object per prompt.")] = False,
+    file: Annotated[Optional[Path], typer.Option("--file", help="Read prompts from this file (`-`: stdin), one per line.", show_default=False)] = None,
+):
+    """Generate text with a run's adapter (or its base with --base, or any model with --model)."""
+    from lora_cli.generate import run_generate
+
+    run_generate(
+        prompt, run=run, model=model, base=base, chat=chat, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stream=not no_stream,
+        as_json=json_out, file=file,
+    )
+
+
+@app.command(name="eval")
+def eval_(
+    run: RunArg = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="Held-out data in any format train accepts (default: the run's validation split).", show_default=False)] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    exact_match: Annotated[bool, typer.Option("--exact-match", help="Also compare greedy answers with the reference answers (completion/alpaca/chat data).")] = False,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="--exact-match: most tokens per answer (default: the reference's length + 8).", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per forward pass.")] = 8,
+):
+    """Loss and perplexity of the base and the adapter on held-out data; writes RUN/eval.json."""
+    from lora_cli.evaluate import run_eval
+
+    run_eval(run, data=data, as_json=json_out, exact_match=exact_match, max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+
 def main() -> None:
     """Entry point: run the app, turning our errors into messages and exit codes."""
     try:
@@ -110,10 +168,10 @@ def main() -> None:
         sys.exit(e.exit_code)
     except typer.Abort:
         sys.exit(EXIT_INTERRUPTED)
-    except Exception as e:  # click usage errors come here in standalone_mode=False
-        import click
-
-        if isinstance(e, click.ClickException):
+    except Exception as e:
+        # Usage errors (bad flag, bad value) arrive here in standalone_mode=False. typer may
+        # carry its own copy of click, so match on the interface rather than the class.
+        if hasattr(e, "show") and hasattr(e, "exit_code"):
             e.show()
             sys.exit(e.exit_code)
         raise

@@ -1,0 +1,270 @@
+"""`lora merge` on tiny real runs: LoRA (Llama, chat) and QLoRA (GPT-2, Conv1D layers in 4 bits)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_cli.errors import EXIT_RUNTIME, EXIT_USAGE, RunDirError
+from lora_cli.merge import MergeError, run_merge
+from lora_cli.train import run_training
+from tests.helpers import chat_rows, completion_rows, tiny_recipe, write_jsonl
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+PEFT_FILES = {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"}
+
+
+def lora(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """The real command line, in process: (exit code, stdout, stderr)."""
+    from lora_cli.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["lora", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def train(tmp: Path, name: str, model_dir: Path, rows: list[dict], **sections) -> Path:
+    data = write_jsonl(tmp / f"{name}.jsonl", rows)
+    recipe = tiny_recipe(model_dir, data, tmp / "runs" / name, **sections)
+    result = run_training(recipe, recipe_path=None, resume=False, overwrite=False)
+    return result.paths.root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run ~10x faster on one thread on a busy 2-core machine (no oversubscription)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def runs(one_thread, tmp_path_factory, tiny_gpt2, tiny_llama):
+    tmp = tmp_path_factory.mktemp("merge-runs")
+    short = {"max_steps": 20, "save_every": 1000}
+    return {
+        "lora": train(tmp, "llama-chat", tiny_llama, chat_rows(), train=short),
+        "qlora": train(tmp, "gpt2-qlora", tiny_gpt2, completion_rows(), train=short, model={"quantization": "4bit"}),
+        "gpt2": tiny_gpt2,
+        "llama": tiny_llama,
+    }
+
+
+def copy_run(run: Path, cwd: Path) -> Path:
+    """A private copy of a run under cwd/runs (tests that write into the run use one)."""
+    target = cwd / "runs" / run.name
+    shutil.copytree(run, target, ignore=shutil.ignore_patterns("checkpoints", "merged"))
+    return target
+
+
+def probe_ids(model_dir: Path) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return tok(["Define: fox\nA quick brown animal. Define: paris\nThe capital"], return_tensors="pt").input_ids
+
+
+def logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(input_ids=ids).logits.float()
+
+
+def base_plus_adapter(model_dir: Path, adapter: Path, *, four_bit: bool = False):
+    """The unmerged reference, built with nothing but transformers + peft."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = {}
+    if four_bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kwargs)
+    return PeftModel.from_pretrained(base, adapter)
+
+
+def load_plain(directory: Path, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def assert_plain_model_dir(directory: Path) -> None:
+    names = {p.name for p in directory.iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
+    assert not names & PEFT_FILES, names
+    assert not any(n.endswith((".bin", ".pt", ".pth")) for n in names)
+    assert "quantization_config" not in json.loads((directory / "config.json").read_text())
+
+
+def test_merge_lora_matches_base_plus_adapter(runs, tmp_path):
+    run = copy_run(runs["lora"], tmp_path)
+    result = run_merge(run)
+    merged_dir = run / "merged"
+    assert result.output == merged_dir and result.onto is None and result.dtype == "float32"
+    assert result.max_diff <= result.tolerance
+    assert_plain_model_dir(merged_dir)
+
+    ids = probe_ids(runs["llama"])
+    reference = logits(base_plus_adapter(runs["llama"], run / "adapter"), ids)
+    merged = load_plain(merged_dir)
+    assert type(merged).__name__ == "LlamaForCausalLM"
+    assert (logits(merged, ids) - reference).abs().max() < 1e-4
+    # The adapter did something, so the comparison means something.
+    assert (logits(load_plain(runs["llama"]), ids) - reference).abs().max() > 1e-3
+
+    # The tokenizer travels with the model, chat template included.
+    from transformers import AutoTokenizer
+
+    original = AutoTokenizer.from_pretrained(runs["llama"])
+    saved = AutoTokenizer.from_pretrained(merged_dir)
+    assert saved.chat_template == original.chat_template and saved.chat_template
+    assert saved.eos_token == original.eos_token
+
+
+def test_merge_refuses_to_overwrite_and_is_idempotent(runs, tmp_path):
+    run = copy_run(runs["lora"], tmp_path)
+    run_merge(run)
+    weights = run / "merged" / "model.safetensors"
+    first = sha256(weights)
+    with pytest.raises(RunDirError, match="already exists") as info:
+        run_merge(run)
+    assert "--overwrite" in info.value.hint
+    assert sha256(weights) == first
+    run_merge(run, overwrite=True)
+    assert sha256(weights) == first  # the same inputs give the same bytes
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+    # Never over the run or its adapter, and never over a directory that is not a model.
+    for bad in (run / "adapter", run, run.parent):
+        with pytest.raises(RunDirError, match="would replace the run"):
+            run_merge(run, output=bad, overwrite=True)
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("keep me")
+    with pytest.raises(RunDirError, match="not a model directory"):
+        run_merge(run, output=other, overwrite=True)
+    assert (other / "todo.txt").read_text() == "keep me"
+
+
+def test_merge_bfloat16(runs, tmp_path):
+    run = copy_run(runs["lora"], tmp_path)
+    out = tmp_path / "merged-bf16"
+    result = run_merge(run, dtype="bfloat16", output=out)
+    assert result.dtype == "bfloat16" and 0 < result.saved_max_diff <= result.tolerance
+    merged = load_plain(out, dtype=None)
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    ids = probe_ids(runs["llama"])
+    reference = logits(base_plus_adapter(runs["llama"], run / "adapter"), ids)
+    diff = (logits(merged, ids) - reference).abs().max()
+    assert 0 < diff <= result.tolerance  # rounded, but within the promised tolerance
+
+
+def test_merge_qlora_folds_into_the_dequantized_base(runs, tmp_path):
+    run = copy_run(runs["qlora"], tmp_path)
+    result = run_merge(run)
+    assert result.onto == "quantized"
+    merged_dir = run / "merged"
+    assert_plain_model_dir(merged_dir)
+
+    ids = probe_ids(runs["gpt2"])
+    merged = logits(load_plain(merged_dir), ids)  # plain GPT-2: Conv1D weights in their own layout
+    as_trained = logits(base_plus_adapter(runs["gpt2"], run / "adapter", four_bit=True), ids)
+    on_original = logits(base_plus_adapter(runs["gpt2"], run / "adapter"), ids)
+    # It reproduces exactly what was trained (the 4-bit base + adapter)...
+    assert (merged - as_trained).abs().max() < 1e-4
+    # ...which is measurably not the original full-precision base + adapter.
+    assert (merged - on_original).abs().max() > 1e-3
+
+
+def test_merge_qlora_onto_original(runs, tmp_path, capsys):
+    run = copy_run(runs["qlora"], tmp_path)
+    out = tmp_path / "onto-original"
+    result = run_merge(run, onto="original", output=out)
+    assert result.onto == "original"
+    err = capsys.readouterr().err
+    assert "--onto original" in err and "differs from what was trained" in err
+    assert_plain_model_dir(out)
+
+    ids = probe_ids(runs["gpt2"])
+    merged = logits(load_plain(out), ids)
+    on_original = logits(base_plus_adapter(runs["gpt2"], run / "adapter"), ids)
+    assert (merged - on_original).abs().max() < 1e-4
+
+
+def test_merge_refuses_non_finite_weights_and_leaves_nothing(runs, tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file, save_file
+
+    run = copy_run(runs["lora"], tmp_path)
+    weights = run / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    name = next(k for k in tensors if "lora_B" in k)
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, weights)
+
+    code, out, err = lora(monkeypatch, capsys, "merge", run)
+    assert code == EXIT_RUNTIME, err
+    assert "non-finite" in err and "nothing was saved" in err and "hint:" in err
+    assert "Traceback" not in err
+    assert not (run / "merged").exists()
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]
+    with pytest.raises(MergeError):
+        run_merge(run)
+
+
+def test_merge_usage_errors(runs, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = lora(monkeypatch, capsys, "merge")
+    assert code == EXIT_USAGE and "no runs found" in err and "lora train" in err
+
+    run = copy_run(runs["lora"], tmp_path)
+    code, _, err = lora(monkeypatch, capsys, "merge", run, "--dtype", "float64")
+    assert code == EXIT_USAGE and "--dtype float64" in err and "bfloat16" in err
+    code, _, err = lora(monkeypatch, capsys, "merge", run, "--onto", "nowhere")
+    assert code == EXIT_USAGE and "--onto" in err
+
+    shutil.rmtree(run / "adapter")  # an unfinished run
+    code, _, err = lora(monkeypatch, capsys, "merge", run)
+    assert code == EXIT_USAGE and "no finished adapter" in err and "--resume" in err
+    code, _, err = lora(monkeypatch, capsys, "merge", tmp_path / "runs" / "missing")
+    assert code == EXIT_USAGE and "does not exist" in err
+    assert "Traceback" not in err
+
+
+def test_cli_merge_latest_run(runs, tmp_path):
+    """`lora merge` with no RUN: the latest run in ./runs, said on stderr; exit 0."""
+    run = copy_run(runs["qlora"], tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "lora_cli", "merge"], capture_output=True, text=True, cwd=tmp_path, timeout=600, env=ENV
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"using the latest run: runs/{run.name}" in result.stderr
+    assert "verify: max |logits(merged) - logits(4bit base + adapter, as trained)|" in result.stdout
+    assert "merged model saved to runs/" in result.stdout
+    assert_plain_model_dir(run / "merged")
+    again = subprocess.run(
+        [sys.executable, "-m", "lora_cli", "merge", f"runs/{run.name}"], capture_output=True, text=True, cwd=tmp_path, timeout=600, env=ENV
+    )
+    assert again.returncode == EXIT_USAGE
+    assert "already exists" in again.stderr and "--overwrite" in again.stderr and "Traceback" not in again.stderr
