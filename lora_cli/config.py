@@ -114,7 +114,7 @@ class DataConfig:
         False, "Also compute the loss on prompt tokens (completion/alpaca/chat)."
     )
     system_prompt: str | None = opt(
-        None, "chat/alpaca/completion: a system message added to every example that has none."
+        None, "chat: a system message added to every conversation that has none."
     )
 
 
