@@ -25,6 +25,7 @@ from lora_cli.runs import RunPaths, atomic_directory, atomic_write_text, prepare
 RESUME_BENIGN_KEYS = {
     "train.log_every", "train.eval_every", "train.save_every", "train.save_total_limit",
     "train.report_to", "train.max_nonfinite_steps", "train.gradient_checkpointing",
+    "output_dir",  # the same run, named by another path (or moved)
 }
 
 
