@@ -154,8 +154,16 @@ def eval_(
     run_eval(run, data=data, as_json=json_out, exact_match=exact_match, max_new_tokens=max_new_tokens, batch_size=batch_size)
 
 
+# Commands that run a model: they get tcmalloc when it is installed (see allocator.py).
+HEAVY_COMMANDS = {"train", "eval", "generate", "merge"}
+
+
 def main() -> None:
     """Entry point: run the app, turning our errors into messages and exit codes."""
+    if len(sys.argv) > 1 and sys.argv[1] in HEAVY_COMMANDS and "--help" not in sys.argv and "-h" not in sys.argv:
+        from lora_cli.allocator import reexec_with_tcmalloc
+
+        reexec_with_tcmalloc()
     try:
         app(standalone_mode=False)
     except LoraError as error:

@@ -225,7 +225,14 @@ def run_training(recipe: Recipe, *, recipe_path: str | None, resume: bool, overw
         now = time.time()
         update_run_json(paths, name=paths.root.name, created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), created_at_unix=now)
     atomic_write_text(paths.recipe, dump_recipe(recipe))
-    update_run_json(paths, status="running", recipe_path=recipe_path, versions=library_versions(), pid=os.getpid())
+    from lora_cli.allocator import INSTALL_HINT, active_allocator
+
+    allocator = active_allocator()
+    if allocator == "system" and os.environ.get("LORA_ALLOCATOR") != "system":
+        print(f"tip: training on CPU is ~30% faster with less memory with tcmalloc: {INSTALL_HINT}")
+    update_run_json(
+        paths, status="running", recipe_path=recipe_path, versions=library_versions(), pid=os.getpid(), allocator=allocator
+    )
     try:
         return _train(recipe, paths, checkpoint)
     except Interrupted:

@@ -125,3 +125,19 @@ def test_cli_train_with_overrides(tiny_llama, tmp_path):
     assert again.returncode == 2
     assert "already exists" in again.stderr and "--overwrite" in again.stderr
     assert "Traceback" not in again.stderr
+
+
+@pytest.mark.skipif(__import__("lora_cli.allocator", fromlist=["x"]).find_tcmalloc() is None, reason="tcmalloc not installed")
+@pytest.mark.parametrize("setting,expected", [(None, "tcmalloc"), ("system", "system")])
+def test_cli_uses_tcmalloc_when_installed(tiny_gpt2, tmp_path, setting, expected):
+    import os
+
+    data = write_jsonl(tmp_path / "train.jsonl", completion_rows(repeat=1))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model:\n  name: {tiny_gpt2}\ndata:\n  train: {data}\ntrain:\n  max_steps: 1\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("LORA_ALLOCATOR", "LD_PRELOAD")}
+    if setting:
+        env["LORA_ALLOCATOR"] = setting
+    result = subprocess.run([sys.executable, "-m", "lora_cli", "train", str(recipe)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "runs" / "r" / "run.json").read_text())["allocator"] == expected
