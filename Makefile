@@ -59,3 +59,6 @@ tiny-models: setup
 
 clean:
 	rm -rf build runs .pytest_cache
+
+bench: setup
+	$(PY) scripts/bench/allocator.py

@@ -1,8 +1,9 @@
 """Use tcmalloc for the heavy commands when it is installed: the biggest single speed-up on CPU.
 
-Measured on our 2-core machines (SmolLM2-135M, LoRA r16, 4x160 tokens per step, fp32, 8 steps):
-glibc malloc ~125 tokens/s at 3.4 GB peak RSS; tcmalloc ~165 tokens/s at 2.4 GB
-(mimalloc from PyPI was slower than glibc). PyTorch's own CPU launcher uses the same trick.
+Measured by `make bench` (scripts/bench/allocator.py) on one of our 2-core machines, SmolLM2-135M,
+LoRA r16, fp32: tcmalloc 1.12x the tokens/s of glibc malloc at 0.79x the peak RSS (138 vs 124
+tokens/s, 2.26 vs 2.85 GB; runs vary by about ±10%). mimalloc from PyPI was slower than glibc
+in a trial here. PyTorch's own CPU launcher preloads tcmalloc/jemalloc the same way.
 
 An allocator has to be in place before the process starts, so the CLI re-executes itself once
 with LD_PRELOAD set. LORA_ALLOCATOR=system turns this off.
