@@ -159,11 +159,7 @@ HEAVY_COMMANDS = {"train", "eval", "generate", "merge"}
 
 
 def main() -> None:
-    """Entry point: run the app, turning our errors into messages and exit codes."""
-    if len(sys.argv) > 1 and sys.argv[1] in HEAVY_COMMANDS and "--help" not in sys.argv and "-h" not in sys.argv:
-        from lora_cli.allocator import reexec_with_tcmalloc
-
-        reexec_with_tcmalloc()
+    """Run the app, turning our errors into messages and exit codes (callable in-process)."""
     try:
         app(standalone_mode=False)
     except LoraError as error:
@@ -183,3 +179,14 @@ def main() -> None:
             e.show()
             sys.exit(e.exit_code)
         raise
+
+
+def entry() -> None:
+    """The `lora` console script and `python -m lora_cli`: a real process of our own, so a model
+    command may re-execute itself with tcmalloc preloaded before running (never done in-process,
+    where it would replace the caller, e.g. a test runner)."""
+    if len(sys.argv) > 1 and sys.argv[1] in HEAVY_COMMANDS and "--help" not in sys.argv and "-h" not in sys.argv:
+        from lora_cli.allocator import reexec_with_tcmalloc
+
+        reexec_with_tcmalloc()
+    main()
