@@ -57,3 +57,22 @@ def tiny_recipe(model_dir: Path, train_file: Path, output_dir: Path, **sections)
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def lora_in_process(monkeypatch, capsys, *args, stdin: str | None = None) -> tuple[int, str, str]:
+    """The real command line, run in this process: (exit code, stdout, stderr)."""
+    import io
+    import sys
+
+    from lora_cli.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["lora", *map(str, args)])
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -15,36 +15,16 @@ import torch
 from lora_cli.errors import EXIT_USAGE
 from lora_cli.evaluate import run_eval
 from lora_cli.train import run_training
-from tests.helpers import PAIRS, chat_rows, completion_rows, tiny_recipe, write_jsonl
+from tests.helpers import PAIRS, chat_rows, completion_rows, lora_in_process, tiny_recipe, write_jsonl
 
+lora = lora_in_process  # the CLI in-process (tests/helpers.py)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def lora(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """The real command line, in process: (exit code, stdout, stderr)."""
-    from lora_cli.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["lora", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else int(e.code is not None)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run ~10x faster on one thread on a busy 2-core machine (no oversubscription)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
-def run(one_thread, tmp_path_factory, tiny_gpt2):
+def run(tmp_path_factory, tiny_gpt2):
     """32 learnable completion rows, a quarter held out (8 rows: one eval batch)."""
     tmp = tmp_path_factory.mktemp("eval-run")
     data = write_jsonl(tmp / "train.jsonl", completion_rows())

@@ -16,35 +16,13 @@ import torch
 from lora_cli.errors import EXIT_USAGE
 from lora_cli.generate import run_generate
 from lora_cli.train import run_training
-from tests.helpers import chat_rows, completion_rows, tiny_recipe, write_jsonl
+from tests.helpers import chat_rows, completion_rows, lora_in_process, tiny_recipe, write_jsonl
 
+lora = lora_in_process  # the CLI in-process (tests/helpers.py)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 PROMPT = "Define: fox\n"  # a prompt the run memorised ("A quick brown animal.")
 
 
-def lora(monkeypatch, capsys, *args, stdin: str | None = None) -> tuple[int, str, str]:
-    """The real command line, in process: (exit code, stdout, stderr)."""
-    from lora_cli.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["lora", *map(str, args)])
-    if stdin is not None:
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else int(e.code is not None)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run ~10x faster on one thread on a busy 2-core machine (no oversubscription)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def train(tmp: Path, name: str, model_dir: Path, rows: list[dict], **sections) -> Path:
@@ -55,7 +33,7 @@ def train(tmp: Path, name: str, model_dir: Path, rows: list[dict], **sections) -
 
 
 @pytest.fixture(scope="module")
-def runs(one_thread, tmp_path_factory, tiny_gpt2, tiny_llama):
+def runs(tmp_path_factory, tiny_gpt2, tiny_llama):
     tmp = tmp_path_factory.mktemp("generate-runs")
     return {
         "plain": train(tmp, "gpt2-completion", tiny_gpt2, completion_rows(), train={"max_steps": 80, "save_every": 1000}),

@@ -16,25 +16,13 @@ import torch
 from lora_cli.errors import EXIT_RUNTIME, EXIT_USAGE, RunDirError
 from lora_cli.merge import MergeError, run_merge
 from lora_cli.train import run_training
-from tests.helpers import chat_rows, completion_rows, tiny_recipe, write_jsonl
+from tests.helpers import chat_rows, completion_rows, lora_in_process, tiny_recipe, write_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
+lora = lora_in_process  # the CLI in-process (tests/helpers.py)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 PEFT_FILES = {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"}
 
-
-def lora(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """The real command line, in process: (exit code, stdout, stderr)."""
-    from lora_cli.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["lora", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else int(e.code is not None)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def train(tmp: Path, name: str, model_dir: Path, rows: list[dict], **sections) -> Path:
@@ -44,17 +32,9 @@ def train(tmp: Path, name: str, model_dir: Path, rows: list[dict], **sections) -
     return result.paths.root
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run ~10x faster on one thread on a busy 2-core machine (no oversubscription)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
-def runs(one_thread, tmp_path_factory, tiny_gpt2, tiny_llama):
+def runs(tmp_path_factory, tiny_gpt2, tiny_llama):
     tmp = tmp_path_factory.mktemp("merge-runs")
     short = {"max_steps": 20, "save_every": 1000}
     return {
