@@ -304,10 +304,7 @@ def _build_section(cls: type, raw: dict, path: tuple, lines: dict, problems: lis
         if len(problems) == before:
             _check_range(checked, fields[key].metadata.get("range"), key_path, lines, problems)
             values[key] = checked
-    try:
-        return cls(**values)
-    except TypeError:  # a required field is missing; all fields have defaults today
-        return cls()
+    return cls(**values)
 
 
 def _unknown_key(path: tuple, known: list[str], lines: dict) -> str:

@@ -76,3 +76,12 @@ def lora_in_process(monkeypatch, capsys, *args, stdin: str | None = None) -> tup
         code = e.code if isinstance(e.code, int) else int(e.code is not None)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def train_tiny_run(tmp: Path, name: str, model_dir: Path, rows: list[dict], **sections) -> Path:
+    """Train a tiny run on `rows` into tmp/runs/<name> and return its directory."""
+    from lora_cli.train import run_training
+
+    data = write_jsonl(tmp / f"{name}.jsonl", rows)
+    recipe = tiny_recipe(model_dir, data, tmp / "runs" / name, **sections)
+    return run_training(recipe, recipe_path=None, resume=False, overwrite=False).paths.root

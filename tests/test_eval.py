@@ -21,8 +21,6 @@ lora = lora_in_process  # the CLI in-process (tests/helpers.py)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_gpt2):
     """32 learnable completion rows, a quarter held out (8 rows: one eval batch)."""

@@ -15,21 +15,12 @@ import torch
 
 from lora_cli.errors import EXIT_USAGE
 from lora_cli.generate import run_generate
-from lora_cli.train import run_training
-from tests.helpers import chat_rows, completion_rows, lora_in_process, tiny_recipe, write_jsonl
+from tests.helpers import chat_rows, completion_rows, lora_in_process, train_tiny_run
 
 lora = lora_in_process  # the CLI in-process (tests/helpers.py)
+train = train_tiny_run
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 PROMPT = "Define: fox\n"  # a prompt the run memorised ("A quick brown animal.")
-
-
-
-
-def train(tmp: Path, name: str, model_dir: Path, rows: list[dict], **sections) -> Path:
-    data = write_jsonl(tmp / f"{name}.jsonl", rows)
-    recipe = tiny_recipe(model_dir, data, tmp / "runs" / name, **sections)
-    result = run_training(recipe, recipe_path=None, resume=False, overwrite=False)
-    return result.paths.root
 
 
 @pytest.fixture(scope="module")

@@ -15,22 +15,13 @@ import torch
 
 from lora_cli.errors import EXIT_RUNTIME, EXIT_USAGE, RunDirError
 from lora_cli.merge import MergeError, run_merge
-from lora_cli.train import run_training
-from tests.helpers import chat_rows, completion_rows, lora_in_process, tiny_recipe, write_jsonl
+from tests.helpers import chat_rows, completion_rows, lora_in_process, train_tiny_run
 
 REPO = Path(__file__).resolve().parent.parent
 lora = lora_in_process  # the CLI in-process (tests/helpers.py)
+train = train_tiny_run
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 PEFT_FILES = {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"}
-
-
-
-def train(tmp: Path, name: str, model_dir: Path, rows: list[dict], **sections) -> Path:
-    data = write_jsonl(tmp / f"{name}.jsonl", rows)
-    recipe = tiny_recipe(model_dir, data, tmp / "runs" / name, **sections)
-    result = run_training(recipe, recipe_path=None, resume=False, overwrite=False)
-    return result.paths.root
-
 
 
 @pytest.fixture(scope="module")
