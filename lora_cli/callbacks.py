@@ -39,6 +39,7 @@ class MetricsFileCallback(TrainerCallback):
         if "loss" in logs:
             line = {"step": state.global_step, **{k: logs[k] for k in _TRAIN_KEYS if k in logs}}
             line.update(self.tokens.snapshot())
+            line["time"] = round(time.time(), 3)  # wall clock: step timings (scripts/bench) need it
         elif any(k.startswith(_EVAL_PREFIX) for k in logs):
             line = {"step": state.global_step, **{k: v for k, v in logs.items() if k.startswith(_EVAL_PREFIX)}}
         else:
@@ -57,7 +58,7 @@ class TokenCounter:
 
     def __init__(self):
         self.supervised = 0
-        self.tokens = 0  # non-pad tokens; packed batches count their (short) tail padding too
+        self.tokens = 0  # non-pad tokens (inputs the model really reads)
         self._window = None  # (time, tokens) at the previous snapshot
         self.rate = None  # tokens/s over the last window
 
@@ -74,7 +75,7 @@ class TokenCounter:
         since, tokens_then = self._window
         self._window = (now, self.tokens)
         self.rate = round((self.tokens - tokens_then) / max(now - since, 1e-9), 1)
-        return {"supervised_tokens": self.supervised, "tokens_per_second": self.rate}
+        return {"supervised_tokens": self.supervised, "tokens": self.tokens, "tokens_per_second": self.rate}
 
 
 class ProgressCallback(TrainerCallback):
