@@ -59,14 +59,16 @@ class TokenCounter:
     def __init__(self):
         self.supervised = 0
         self.tokens = 0  # non-pad tokens (inputs the model really reads)
+        self.positions = 0  # tokens + padding: what the model computes on
         self._window = None  # (time, tokens) at the previous snapshot
         self.rate = None  # tokens/s over the last window
 
-    def add(self, supervised: int, tokens: int) -> None:
+    def add(self, supervised: int, tokens: int, positions: int | None = None) -> None:
         if self._window is None:
             self._window = (time.perf_counter(), 0)
         self.supervised += supervised
         self.tokens += tokens
+        self.positions += tokens if positions is None else positions
 
     def snapshot(self) -> dict:
         if self._window is None:
@@ -75,7 +77,12 @@ class TokenCounter:
         since, tokens_then = self._window
         self._window = (now, self.tokens)
         self.rate = round((self.tokens - tokens_then) / max(now - since, 1e-9), 1)
-        return {"supervised_tokens": self.supervised, "tokens": self.tokens, "tokens_per_second": self.rate}
+        return {
+            "supervised_tokens": self.supervised,
+            "tokens": self.tokens,
+            "padding": round(1 - self.tokens / max(self.positions, 1), 4),  # share of computed positions
+            "tokens_per_second": self.rate,
+        }
 
 
 class ProgressCallback(TrainerCallback):
@@ -152,6 +159,7 @@ class StopOnSignalCallback(TrainerCallback):
 
     def __init__(self):
         self.received: int | None = None
+        self._received_at = 0.0
         self._previous = {}
 
     def install(self) -> None:
@@ -167,14 +175,27 @@ class StopOnSignalCallback(TrainerCallback):
         self._previous.clear()
 
     def _handle(self, signum, frame):
+        from lora_cli.distributed import error_prefix, is_distributed
+
+        now = time.monotonic()
         if self.received is not None:
+            # Under a launcher one Ctrl-C arrives twice: from the terminal and passed on by torchrun.
+            if is_distributed() and signum == self.received and now - self._received_at < 2.0:
+                return
             raise KeyboardInterrupt
-        self.received = signum
+        self.received, self._received_at = signum, now
         name = signal.Signals(signum).name
-        print(f"\n{name} received: finishing this step and saving a checkpoint "
+        print(f"\n{error_prefix()}{name} received: finishing this step and saving a checkpoint "
               "(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
 
     def on_step_end(self, args, state, control, **kwargs):
+        from lora_cli.distributed import agree_max
+
+        # With several processes all must stop at the same step (else the others wait forever in
+        # the next gradient all-reduce): a signal seen by any rank stops every rank.
+        received = agree_max(self.received or 0)
+        if received and self.received is None:
+            self.received = received
         if self.received is not None:
             control.should_save = True
             control.should_training_stop = True

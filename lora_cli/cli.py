@@ -27,11 +27,15 @@ app = typer.Typer(
 
 def report_error(error: LoraError) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
+    from lora_cli.distributed import error_prefix
+
+    # Messages quote paths and library errors: a "[...]" in them is text, never rich markup.
     console = Console(stderr=True, highlight=False)
-    console.print(f"[bold red]error:[/] {error.message}", markup=True, soft_wrap=True)
+    console.print(f"{escape(error_prefix())}[bold red]error:[/] {escape(error.message)}", markup=True, soft_wrap=True)
     if error.hint:
-        console.print(f"[bold]hint:[/] {error.hint}", soft_wrap=True)
+        console.print(f"[bold]hint:[/] {escape(error.hint)}", soft_wrap=True)
 
 
 def _version(value: bool):
@@ -62,6 +66,8 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in output_dir from its newest complete checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing run in output_dir and start again.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate the recipe and report on the data; do not train.")] = False,
+    preview: Annotated[int, typer.Option("--preview", help="--dry-run: examples to show with supervised and masked tokens marked.")] = 2,
+    num_processes: Annotated[Optional[int], typer.Option("--num-processes", help="Train with N processes (one per GPU; on CPU they share the cores): re-launches this command via `accelerate launch`.", show_default=False)] = None,
 ):
     """Train a LoRA (or QLoRA) adapter as the recipe says; writes runs/<name>/.
 
@@ -72,6 +78,13 @@ def train(
     recipe_file = recipe
     if resume and recipe.is_dir():
         recipe_file = recipe / "recipe.yaml"
+    elif resume and not recipe.exists():
+        from lora_cli.errors import RunDirError
+
+        raise RunDirError(
+            f"nothing to resume: {recipe} does not exist",
+            "Name a run directory (runs/<name>) or its recipe file; drop --resume to start a new run.",
+        )
     loaded = load_recipe(recipe_file, overrides or [])
     if recipe_file != recipe:  # resuming a run directory: its output_dir is that directory
         import dataclasses
@@ -80,20 +93,52 @@ def train(
     if dry_run:
         from lora_cli.validate import run_validate
 
-        run_validate(loaded)
+        run_validate(loaded, recipe_path=str(recipe_file), overrides=overrides or [], preview=preview)
         return
+    if num_processes is not None:  # the recipe is valid: now start the processes (distributed.py)
+        from lora_cli.distributed import relaunch
+
+        raise typer.Exit(relaunch(num_processes, sys.argv[1:]))
     from lora_cli.train import run_training
 
     run_training(loaded, recipe_path=str(recipe_file), resume=resume, overwrite=overwrite)
 
 
 @app.command()
-def validate(recipe: RecipeArg, overrides: OverridesArg = None):
-    """Check a recipe and report on its data (tokenizer only, no model weights, no training)."""
+def validate(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    preview: Annotated[int, typer.Option("--preview", help="Examples to show with supervised and masked tokens marked.")] = 2,
+):
+    """Check a recipe, report on its data and estimate memory (tokenizer and config only, no weights)."""
     from lora_cli.config import load_recipe
     from lora_cli.validate import run_validate
 
-    run_validate(load_recipe(recipe, overrides or []))
+    run_validate(load_recipe(recipe, overrides or []), recipe_path=str(recipe), overrides=overrides or [], preview=preview)
+
+
+@app.command()
+def estimate(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the estimate as JSON.")] = False,
+):
+    """Parameters, adapter size and memory to train (full vs LoRA vs QLoRA), from the model config alone."""
+    from lora_cli.config import load_recipe
+    from lora_cli.estimate import run_estimate
+
+    run_estimate(load_recipe(recipe, overrides or []), as_json=json_out)
+
+
+@app.command()
+def runs(
+    directory: Annotated[Path, typer.Option("--dir", help="Where the runs are.")] = Path("runs"),
+    json_out: Annotated[bool, typer.Option("--json", help="Print the runs as JSON.")] = False,
+):
+    """List runs: name, status, base model, steps, final loss, eval change, created time."""
+    from lora_cli.runlist import run_list
+
+    run_list(directory, as_json=json_out)
 
 
 @app.command()
@@ -161,9 +206,12 @@ HEAVY_COMMANDS = {"train", "eval", "generate", "merge"}
 def main() -> None:
     """Run the app, turning our errors into messages and exit codes (callable in-process)."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:  # a command's typer.Exit(code) (click returns it here)
+            sys.exit(code)
     except LoraError as error:
-        report_error(error)
+        if not getattr(error, "silent", False):  # e.g. a rank whose main process already reported it
+            report_error(error)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

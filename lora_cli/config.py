@@ -217,7 +217,11 @@ def parse_yaml(text: str, source: str) -> tuple[dict, dict[tuple, int]]:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise RecipeError(source, ["the recipe must be a mapping of sections (model:, lora:, data:, train:)"])
+        raise RecipeError(
+            source,
+            ["the recipe must be a mapping of sections (model:, lora:, data:, train:)"],
+            "Start from a commented recipe in configs/; each section is `name:` followed by indented keys.",
+        )
     lines: dict[tuple, int] = {}
     _collect_lines(node, (), lines)
     return data, lines
@@ -257,7 +261,7 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...], source: s
         else:
             target[parts[-1]] = value
     if problems:
-        raise RecipeError(source, problems)
+        raise RecipeError(source, problems, "Write overrides as section.key=value, e.g. train.lr=1e-4 lora.r=8.")
     return raw
 
 
@@ -440,3 +444,64 @@ def field_help() -> dict[str, str]:
         for f in dataclasses.fields(cls):
             out[f"{section}.{f.name}"] = f.metadata.get("help", "")
     return out
+
+
+# --------------------------------------------------------------------------- where values came from
+
+
+def recipe_origins(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
+    """`section.key` -> "recipe" (set in the YAML file) or "override" (set on the command line),
+    for every key the user set; keys absent from the result are defaults.
+
+    A separate reading of the file, so `load_recipe` and `Recipe` stay as they are. Call it after
+    `load_recipe` succeeded (the file is then known to be valid).
+    """
+    raw, _ = parse_yaml(Path(path).read_text(encoding="utf-8"), str(path))
+    origins = {key: "recipe" for key in _flatten_keys(raw)}
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if sep and key.strip():
+            origins[key.strip()] = "override"
+    return origins
+
+
+def _flatten_keys(raw: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in raw.items():
+        if isinstance(value, dict) and not prefix:  # a section: its keys are what the user set
+            keys += _flatten_keys(value, f"{key}.")
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def dump_recipe_marked(recipe: Recipe, origins: dict[str, str] | None = None) -> list[str]:
+    """The resolved recipe as YAML lines, each value marked with where it came from.
+
+    With `origins` (from `recipe_origins`): `# recipe`, `# override` or `# default`. Without:
+    values that differ from the schema default are marked `# set`, the others `# default`.
+    """
+    defaults = recipe_to_dict(Recipe())
+    values = recipe_to_dict(recipe)
+    out = []
+    for section, content in values.items():
+        if not isinstance(content, dict):
+            out.append(_marked_line(section, content, "", origins, defaults.get(section), section))
+            continue
+        out.append(f"{section}:")
+        for key, value in content.items():
+            dotted = f"{section}.{key}"
+            out.append(_marked_line(key, value, "  ", origins, defaults[section].get(key), dotted))
+    return out
+
+
+def _marked_line(key: str, value: Any, indent: str, origins: dict | None, default: Any, dotted: str) -> str:
+    text = yaml.safe_dump({key: value}, default_flow_style=True, width=10_000, allow_unicode=True)
+    text = text.strip()[1:-1]  # "{key: value}" -> "key: value"
+    if origins is not None:
+        mark = origins.get(dotted, "default")
+        if dotted == "output_dir" and mark == "default":
+            mark = "default (runs/<recipe name>)"
+    else:
+        mark = "default" if value == default else "set"
+    return f"{indent + text:<48} # {mark}"

@@ -34,10 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lora_cli import datastats
 from lora_cli.errors import DataError
 
 IGNORE_INDEX = -100  # the label value the loss skips (PyTorch's cross-entropy default)
+# A batch key (count_tokens=True): real tokens per row, for throughput figures; the trainer
+# removes it before the model sees the batch.
+REAL_TOKENS_KEY = "real_tokens"
 MAX_SHOWN = 5  # bad rows quoted in one error; the rest are only counted
+MAX_LISTED = 10  # truncated / dropped rows named in the data report; the rest are only counted
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}  # "conversations": [{"from", "value"}]
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
@@ -92,6 +97,12 @@ class TokenizeCounts:
     tokens: int = 0
     supervised_tokens: int = 0  # labels the loss uses (the first token of an example never is)
     longest: int = 0  # longest example before truncation
+    raw_lengths: list[int] = dataclasses.field(default_factory=list)  # every row, before truncation
+    lengths: list[int] = dataclasses.field(default_factory=list)  # every kept example
+    truncated_where: list[str] = dataclasses.field(default_factory=list)
+    dropped_where: list[str] = dataclasses.field(default_factory=list)
+    no_supervised_where: list[str] = dataclasses.field(default_factory=list)
+    eos_last: int = 0  # kept examples with EOS among their supervised tokens (the model learns to stop)
 
 
 @dataclass
@@ -120,8 +131,61 @@ class DataReport:
     validation_dropped: int = 0  # too long + no supervised tokens
     fingerprint: str = ""  # sha256 of every token id and label, train then validation
     notes: list[str] = dataclasses.field(default_factory=list)  # settings that had no effect, etc.
+    # Token lengths of the training rows before truncation: min/median/p95/max, and
+    # [[low, high, count], ...] bins (datastats.histogram).
+    length_stats: dict = dataclasses.field(default_factory=dict)
+    length_histogram: list = dataclasses.field(default_factory=list)
+    # Which rows (first MAX_LISTED, as "file row N (line M)") were truncated, dropped as too
+    # long, or dropped for having no supervised token.
+    truncated_rows: list[str] = dataclasses.field(default_factory=list)
+    dropped_rows: list[str] = dataclasses.field(default_factory=list)
+    no_supervised_rows: list[str] = dataclasses.field(default_factory=list)
+    eos_token: str = ""
+    eos_supervised: int = 0  # training examples with EOS among their supervised tokens
+    pad_is_eos: bool = False
+    batch_size: int | None = None  # the recipe's, when prepare_data was told it
+    batch_padding_fraction: float | None = None  # unpacked: padding to the longest in each batch
+    packing_would_leave: float | None = None  # unpacked: the padding fraction packing would leave
+    warnings: list[str] = dataclasses.field(default_factory=list)  # problems, each with its fix
 
-    def lines(self) -> list[str]:
+    def lines(self, full: bool = False) -> list[str]:
+        """The report; `full` (lora validate) adds the length histogram and the row lists."""
+        return self._counts_lines() + self._detail_lines(full) + [f"warning: {w}" for w in self.warnings]
+
+    def _detail_lines(self, full: bool) -> list[str]:
+        out = []
+        st = self.length_stats
+        if st:
+            out.append(
+                f"lengths (tokens, before truncation): min {st['min']}, median {st['median']}, "
+                f"p95 {st['p95']}, max {st['max']} (max_length {self.max_length})"
+            )
+        if full and self.length_histogram:
+            out += datastats.histogram_lines(self.length_histogram, self.max_length)
+        for label, rows, count in (
+            ("truncated", self.truncated_rows, self.truncated),
+            (f"dropped (longer than {self.max_length})", self.dropped_rows, self.dropped),
+            ("dropped (no supervised tokens)", self.no_supervised_rows, self.dropped_no_supervised),
+        ):
+            if rows and (full or count <= 3):
+                more = f" (+{count - len(rows)} more)" if count > len(rows) else ""
+                out.append(f"{label}: {'; '.join(rows)}{more}")
+        if self.train_rows:
+            pad_note = " (pad token = EOS; labels are padded with -100 by position, so EOS stays in the loss)"
+            out.append(
+                f"EOS {self.eos_token!r} is supervised in {self.eos_supervised} of "
+                f"{_n(self.train_rows, 'example')}" + (pad_note if self.pad_is_eos and full else "")
+            )
+        if self.batch_padding_fraction is not None:
+            packed = (f"; data.packing: true would leave {self.packing_would_leave:.1%}"
+                      if self.packing_would_leave is not None else "")
+            out.append(
+                f"padding: {self.batch_padding_fraction:.1%} of the tokens in shuffled batches of "
+                f"{self.batch_size} are padding{packed}"
+            )
+        return out
+
+    def _counts_lines(self) -> list[str]:
         detected = " (auto-detected)" if self.format_detected else ""
         out = [f"data: {_n(self.rows, 'row')} from {', '.join(self.sources)}, format {self.format}{detected}"]
         share = self.supervised_tokens / self.train_tokens if self.train_tokens else 0.0
@@ -625,21 +689,27 @@ def tokenize_records(
     too_long = _Problems()
     for (ids, labels), w in zip(pairs, where):
         counts.longest = max(counts.longest, len(ids))
+        counts.raw_lengths.append(len(ids))
         if len(ids) > cfg.max_length:
             if cfg.too_long == "error":
                 too_long.add(w, f"{len(ids)} tokens, longer than max_length {cfg.max_length}")
                 continue
             if cfg.too_long == "drop":
                 counts.dropped += 1
+                counts.dropped_where.append(w)
                 continue
             ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
             counts.truncated += 1
+            counts.truncated_where.append(w)
         supervised = _supervised(labels)
         if supervised == 0:
             counts.dropped_no_supervised += 1
+            counts.no_supervised_where.append(w)
             continue
         counts.tokens += len(ids)
         counts.supervised_tokens += supervised
+        counts.lengths.append(len(ids))
+        counts.eos_last += eos in labels[1:]  # labels[0] is never used
         examples.append({"input_ids": ids, "labels": labels})
     too_long.raise_if_any(
         f"rows longer than max_length {cfg.max_length} tokens",
@@ -812,9 +882,10 @@ class Collator:
     pad_to_multiple_of rounds the length up (GPU kernels prefer multiples of 8).
     """
 
-    def __init__(self, pad_token_id: int | None, pad_to_multiple_of: int | None = None):
+    def __init__(self, pad_token_id: int | None, pad_to_multiple_of: int | None = None, count_tokens: bool = False):
         self.pad_token_id = 0 if pad_token_id is None else int(pad_token_id)
         self.multiple = pad_to_multiple_of or 1
+        self.count_tokens = count_tokens
 
     def __call__(self, features: list[dict]) -> dict:
         import torch
@@ -837,13 +908,17 @@ class Collator:
             "labels": torch.tensor(labels, dtype=torch.long),
         }
         batch["position_ids" if packed else "attention_mask"] = torch.tensor(extra, dtype=torch.long)
+        if self.count_tokens:  # packed rows have no attention_mask to count their padding by
+            batch[REAL_TOKENS_KEY] = torch.tensor([len(f["input_ids"]) for f in features], dtype=torch.long)
         return batch
 
 
 # --------------------------------------------------------------------------- the whole thing
 
 
-def prepare_data(cfg, tokenizer, *, seed: int, validation_override: str | list[str] | None = None) -> PreparedData:
+def prepare_data(
+    cfg, tokenizer, *, seed: int, validation_override: str | list[str] | None = None, batch_size: int | None = None
+) -> PreparedData:
     """Load, format, tokenize, split and (if cfg.packing) pack the training data.
 
     Validation rows (cfg.validation, validation_override, or a seeded cfg.val_split of the
@@ -897,11 +972,40 @@ def prepare_data(cfg, tokenizer, *, seed: int, validation_override: str | list[s
     )
     if cfg.system_prompt and fmt != "chat":
         report.notes.append(f"data.system_prompt is not used: it applies to chat data, and this data is {fmt}")
+    _add_details(report, counts, tokenizer, seed=seed, batch_size=batch_size)
     if cfg.packing:
         train = pack(train, cfg.max_length)
         report.packed_rows = len(train)
         report.padding_fraction = 1 - counts.tokens / (len(train) * cfg.max_length)
+    elif batch_size:
+        report.batch_size = batch_size
+        report.batch_padding_fraction = datastats.batch_padding(counts.lengths, batch_size, seed)
+        rows = len(pack([{"input_ids": [0] * n, "labels": [0] * n} for n in counts.lengths], cfg.max_length))
+        report.packing_would_leave = 1 - counts.tokens / (rows * cfg.max_length)
     return PreparedData(train=train, validation=validation, report=report)
+
+
+def _add_details(report: DataReport, counts: TokenizeCounts, tokenizer, *, seed: int, batch_size: int | None) -> None:
+    """Length distribution, which rows were cut, and whether examples teach the model to stop."""
+    report.length_stats = datastats.summary(counts.raw_lengths)
+    report.length_histogram = datastats.histogram(counts.raw_lengths, report.max_length)
+    report.truncated_rows = counts.truncated_where[:MAX_LISTED]
+    report.dropped_rows = counts.dropped_where[:MAX_LISTED]
+    report.no_supervised_rows = counts.no_supervised_where[:MAX_LISTED]
+    report.eos_token = str(tokenizer.eos_token)
+    report.eos_supervised = counts.eos_last
+    report.pad_is_eos = tokenizer.pad_token_id is not None and tokenizer.pad_token_id == tokenizer.eos_token_id
+    # Truncated examples lose their EOS by design (the report lists them); any other example
+    # without a supervised EOS teaches the model never to stop.
+    missing = report.train_rows - counts.eos_last - counts.truncated
+    if missing > 0:
+        cause = (" (the pad token is EOS: something masked it like padding)" if report.pad_is_eos else "")
+        report.warnings.append(
+            f"{missing} of {_n(report.train_rows, 'example')} have no supervised "
+            f"EOS {report.eos_token!r}{cause}: the model will not learn to stop. Fix: make sure answers "
+            "end with the EOS token (for chat data, the template's end-of-turn token must be the "
+            "tokenizer's eos_token), or set data.train_on_prompt / check the data format"
+        )
 
 
 def _fingerprint(*parts: list[dict]) -> str:

@@ -66,3 +66,29 @@ class Interrupted(LoraError):
     def __init__(self, message: str, hint: str | None = None, exit_code: int = EXIT_INTERRUPTED):
         super().__init__(message, hint)
         self.exit_code = exit_code
+
+
+# How running out of memory surfaces: CUDA raises torch.OutOfMemoryError; the CPU allocator raises
+# a RuntimeError with one of these phrases; Python's own allocations raise MemoryError.
+_OOM_PHRASES = ("out of memory", "not enough memory", "can't allocate memory", "failed to allocate")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(error, RuntimeError) and any(p in str(error).lower() for p in _OOM_PHRASES)
+
+
+def out_of_memory_error(error: BaseException) -> TrainingError:
+    import re
+
+    asked = re.search(r"tried to allocate (\d+) bytes", str(error))
+    if asked:  # the CPU allocator's message starts with C++ enforce noise: keep the number
+        detail = f"could not allocate {int(asked.group(1)) / 2**20:.0f} MiB more"
+    else:
+        detail = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+    return TrainingError(
+        f"out of memory during training ({detail})",
+        "Lower train.batch_size (raise train.grad_accum to keep the effective batch), lower "
+        "data.max_length, set train.gradient_checkpointing: true, or use model.quantization: 4bit.",
+    )

@@ -79,7 +79,7 @@ def resolve_model_source(cfg: ModelConfig) -> ModelSource:
             raise ModelError(f"model.name: GGUF file {path} does not exist", "Check the path.")
         return ModelSource(str(convert_gguf(path)), None, f"{path} (GGUF)", True)
     if path.exists():
-        check_local_model_dir(path, allow_pickle=cfg.allow_pickle_weights)
+        check_local_model_dir(path, allow_pickle=cfg.allow_pickle_weights, trust_remote_code=cfg.trust_remote_code)
         return ModelSource(str(path), None, str(path), True)
     looks_like_path = name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1)
     if looks_like_path or not _HUB_ID.match(name):
@@ -90,7 +90,7 @@ def resolve_model_source(cfg: ModelConfig) -> ModelSource:
     return ModelSource(name, cfg.revision, f"{name} (hub)", False)
 
 
-def check_local_model_dir(path: Path, *, allow_pickle: bool) -> None:
+def check_local_model_dir(path: Path, *, allow_pickle: bool, trust_remote_code: bool = False) -> None:
     if not path.is_dir():
         raise ModelError(f"model.name: {path} is a file, not a model directory", "Name the directory that holds config.json (or a .gguf file).")
     if not (path / "config.json").is_file():
@@ -98,6 +98,8 @@ def check_local_model_dir(path: Path, *, allow_pickle: bool) -> None:
             f"model.name: {path} is not a model directory (no config.json)",
             "Name a directory written by save_pretrained, a .gguf file, or a hub id.",
         )
+    if not trust_remote_code:
+        _refuse_remote_code(path)
     if any(path.glob("*.safetensors")):
         return
     if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
@@ -162,6 +164,26 @@ def resolve_dtype(name: str):
     return torch.float32
 
 
+def _refuse_remote_code(path: Path) -> None:
+    """A model directory whose config names its own Python code (auto_map) is refused, not
+    silently loaded as the stock architecture its model_type may also name."""
+    import json
+
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            auto_map = json.loads((path / name).read_text(encoding="utf-8")).get("auto_map")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if auto_map:
+            refs = [x for v in auto_map.values() for x in ([v] if isinstance(v, str) else v or []) if isinstance(x, str)]
+            code = ", ".join(sorted({ref.rsplit(".", 1)[0] + ".py" for ref in refs})) or "custom code"
+            raise ModelError(
+                f"model.name: {path} asks to run its own Python code ({name} auto_map: {code}); "
+                "code from a model is never run by default",
+                "Set model.trust_remote_code: true only if you trust this model's source.",
+            )
+
+
 def _from_pretrained_kwargs(cfg: ModelConfig, source: ModelSource) -> dict:
     kwargs = {"trust_remote_code": cfg.trust_remote_code}
     if source.revision:
@@ -212,9 +234,16 @@ def load_base_model(cfg: ModelConfig, source: ModelSource | None = None, *, devi
     if cfg.attn_implementation != "auto":
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.quantization != "none":
+        from lora_cli import distributed
+
         kwargs["quantization_config"] = quantization_config(cfg)
-        if device_map is None and torch.cuda.is_available():
-            device_map = {"": torch.cuda.current_device()}
+        if device_map is None:
+            # Under DDP each rank loads its own quantized copy onto its own GPU (LOCAL_RANK);
+            # under FSDP / ZeRO-3 the engine places the weights itself (see distributed.py).
+            device_map = distributed.quantized_device_map(cuda=torch.cuda.is_available())
+        if cfg.quantization == "4bit" and distributed.shards_parameters():
+            # FSDP-QLoRA: the model's dtype must equal the 4-bit storage dtype (PEFT's FSDP docs).
+            kwargs["dtype"] = kwargs["quantization_config"].bnb_4bit_quant_storage
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
@@ -223,7 +252,23 @@ def load_base_model(cfg: ModelConfig, source: ModelSource | None = None, *, devi
         raise ModelError(f"a package needed for this model is missing: {e}", "Install it and retry.") from None
     except Exception as e:
         raise _load_failure(source, e) from None
+    if cfg.quantization == "4bit":
+        keep_4bit_weights_as_trained(model)
     return model
+
+
+def keep_4bit_weights_as_trained(model) -> None:
+    """Turn off bitsandbytes' CPU repacking of 4-bit weights.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a Linear4bit layer at its first forward in
+    eval mode without gradients, and from then on computes it in bfloat16 with a bfloat16 copy of
+    the block scales; saving or wrapping the layer later converts it back, lossily. So an
+    evaluation (or merge check) would not compute what training computed, and the base would no
+    longer be exactly the quantized original. The exact path costs some inference speed there.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def quantization_config(cfg: ModelConfig):
@@ -238,8 +283,16 @@ def quantization_config(cfg: ModelConfig):
         bnb_4bit_quant_type=cfg.quant_type,
         bnb_4bit_use_double_quant=cfg.double_quant,
         bnb_4bit_compute_dtype=compute,
-        bnb_4bit_quant_storage=torch.uint8,
+        # FSDP and ZeRO-3 shard only floating-point tensors: there the packed 4-bit weights are
+        # stored in the compute dtype (bitsandbytes' FSDP-QLoRA guide); elsewhere plain uint8.
+        bnb_4bit_quant_storage=compute if _shards_parameters() else torch.uint8,
     )
+
+
+def _shards_parameters() -> bool:
+    from lora_cli.distributed import shards_parameters
+
+    return shards_parameters()
 
 
 def lora_config(lora: LoraSection):

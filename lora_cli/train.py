@@ -18,6 +18,7 @@ import yaml
 
 from lora_cli import __version__
 from lora_cli.config import Recipe, dump_recipe, recipe_to_dict
+from lora_cli.data import REAL_TOKENS_KEY
 from lora_cli.errors import Interrupted, RunDirError, TrainingError
 from lora_cli.runs import RunPaths, atomic_directory, atomic_write_text, prepare_run_dir, read_run_json, update_run_json
 
@@ -61,6 +62,10 @@ def data_fingerprint(spec) -> str:
     return digest.hexdigest()[:16]
 
 
+def _spec_text(spec) -> str:
+    return spec if isinstance(spec, str) else ", ".join(map(str, spec))
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in d.items():
@@ -89,7 +94,8 @@ def check_resumable(paths: RunPaths, recipe: Recipe) -> None:
     new_fp = data_fingerprint(recipe.data.train)
     if old_fp and old_fp != new_fp:
         raise RunDirError(
-            f"cannot resume {paths.root}: the training data changed since the run started",
+            f"cannot resume {paths.root}: the training data changed since the run started "
+            f"(data.train {_spec_text(recipe.data.train)}: fingerprint {old_fp} -> {new_fp})",
             "Restore the original data, or start a new run with --overwrite.",
         )
     for key in changed:
@@ -97,17 +103,11 @@ def check_resumable(paths: RunPaths, recipe: Recipe) -> None:
 
 
 def latest_checkpoint(paths: RunPaths) -> Path | None:
-    """The newest checkpoint that was written completely (Trainer writes trainer_state.json last)."""
-    if not paths.checkpoints.is_dir():
-        return None
-    complete = []
-    for ckpt in paths.checkpoints.glob("checkpoint-*"):
-        step = ckpt.name.rsplit("-", 1)[-1]
-        if step.isdigit() and (ckpt / "trainer_state.json").is_file():
-            complete.append((int(step), ckpt))
-        elif step.isdigit():
-            print(f"resume: skipping incomplete checkpoint {ckpt}")
-    return max(complete)[1] if complete else None
+    """The newest complete checkpoint (see checkpoints.incomplete_reason); says which it skips."""
+    from lora_cli.checkpoints import complete_checkpoints
+
+    complete = complete_checkpoints(paths.checkpoints, say=print)
+    return complete[-1][1] if complete else None
 
 
 def library_versions() -> dict:
@@ -164,6 +164,8 @@ def training_arguments(recipe: Recipe, paths: RunPaths, *, has_validation: bool)
         dataloader_pin_memory=on_gpu,
         disable_tqdm=True,
         optim="adamw_torch",
+        # Every LoRA weight takes part in each forward pass: DDP need not search for unused ones.
+        ddp_find_unused_parameters=False,
         **eval_kwargs,
         **save_kwargs,
     )
@@ -177,15 +179,21 @@ def make_trainer_class():
     class LoraTrainer(Trainer):
         tokens = None  # TokenCounter
         max_nonfinite_steps = 3
+        use_chunked_loss = True  # lora_cli/loss.py where exact; False: the model's own loss
         _nonfinite_in_a_row = 0
 
         def training_step(self, model, inputs, num_items_in_batch=None):
+            inputs = dict(inputs)
+            real_tokens = inputs.pop(REAL_TOKENS_KEY, None)  # from our Collator; not a model input
             labels = inputs.get("labels")
             if labels is not None and self.tokens is not None:
                 supervised = int((labels[:, 1:] != -100).sum())
                 mask = inputs.get("attention_mask")
-                nonpad = int(mask.sum()) if mask is not None else int(labels.numel())
-                self.tokens.add(supervised, nonpad)
+                if real_tokens is not None:
+                    nonpad = int(real_tokens.sum())
+                else:
+                    nonpad = int(mask.sum()) if mask is not None else int(labels.numel())
+                self.tokens.add(supervised, nonpad, int(labels.numel()))
             loss = super().training_step(model, inputs, num_items_in_batch)
             if torch.isfinite(loss).all():
                 self._nonfinite_in_a_row = 0
@@ -203,6 +211,45 @@ def make_trainer_class():
                 )
             return torch.zeros_like(loss)
 
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            inputs = {k: v for k, v in inputs.items() if k != REAL_TOKENS_KEY}
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            # Our loss skips the logits of unsupervised positions and never holds all of them at
+            # once (lora_cli/loss.py); same value as the model's own loss. Only where it is exact.
+            head = self._plain_head(model)
+            if head is None or "labels" not in inputs or (return_outputs and not self.args.prediction_loss_only):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            from lora_cli.loss import supervised_loss
+
+            hf_model = self.accelerator.unwrap_model(model).get_base_model()
+            n_items = num_items_in_batch if self.model_accepts_loss_kwargs else None
+            loss = supervised_loss(model, hf_model, head, inputs, n_items)
+            if self.args.average_tokens_across_devices and n_items is not None:
+                loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does
+            return (loss, {"loss": loss}) if return_outputs else loss
+
+        _head_checked = False
+        _head = None
+
+        def _plain_head(self, model):
+            if not self._head_checked:
+                from lora_cli.loss import plain_head
+
+                unwrapped = self.accelerator.unwrap_model(model)
+                owned = self.is_fsdp_enabled or self.is_deepspeed_enabled or self.label_smoother is not None
+                usable = hasattr(unwrapped, "get_base_model") and not owned and self.compute_loss_func is None
+                self._head = plain_head(unwrapped.get_base_model()) if usable and self.use_chunked_loss else None
+                self._head_checked = True
+            return self._head
+
+        def _save_checkpoint(self, model, trial):
+            # Staged and renamed into place: a kill or a full disk never leaves a half checkpoint-N.
+            from lora_cli.checkpoints import save_checkpoint_atomically
+
+            save_checkpoint_atomically(self, super()._save_checkpoint, model, trial)
+
     return LoraTrainer
 
 
@@ -214,12 +261,57 @@ class TrainResult:
 
 
 def run_training(recipe: Recipe, *, recipe_path: str | None, resume: bool, overwrite: bool) -> TrainResult:
-    """Train and save the adapter. Raises LoraError subclasses on failure."""
+    """Train and save the adapter. Raises LoraError subclasses on failure.
+
+    Under `accelerate launch` every rank runs this; only the main one touches the run directory
+    (lora_cli/distributed.py): it goes first, the others wait and share its result or its failure.
+    """
+    from lora_cli import distributed
+    from lora_cli.validate import check_trackers
+
+    check_trackers(recipe)  # a missing tracker package fails now, not after loading the model
+    distributed.init()
+    paths, checkpoint = distributed.main_first(lambda: _open_run(recipe, recipe_path, resume=resume, overwrite=overwrite))
+    main = distributed.is_main()
+    try:
+        return _train(recipe, paths, checkpoint)
+    except Interrupted:
+        if main:
+            update_run_json(paths, status="interrupted")
+        raise
+    except KeyboardInterrupt:
+        # Ctrl-C outside the training loop (loading the model, the final save): every save is
+        # atomic, so the last complete checkpoint stands.
+        if main:
+            update_run_json(paths, status="interrupted")
+        raise Interrupted(
+            "interrupted; the last complete checkpoint is kept", f"Continue with `lora train --resume {paths.root}`."
+        ) from None
+    except BaseException as e:
+        lost = distributed.peer_lost(e)  # another rank died: say so instead of a gloo/NCCL traceback
+        if main:
+            update_run_json(paths, status="failed", error=f"{type(e).__name__}: {getattr(lost or e, 'message', e)}")
+        if lost is not None:
+            raise lost from None
+        raise
+
+
+def _open_run(recipe: Recipe, recipe_path: str | None, *, resume: bool, overwrite: bool) -> tuple[RunPaths, Path | None]:
+    """Create or check the run directory and record the start (main process only)."""
+    import torch
+
+    from lora_cli.distributed import check_engine_supports
+
+    check_engine_supports(recipe.model.quantization, cuda=torch.cuda.is_available())
     paths = prepare_run_dir(recipe.output_dir, resume=resume, overwrite=overwrite)
     checkpoint = None
     if resume:
         check_resumable(paths, recipe)
         checkpoint = latest_checkpoint(paths)
+        if checkpoint is not None:
+            from lora_cli.checkpoints import check_loads_safely
+
+            check_loads_safely(checkpoint)
         print(f"resuming {paths.root} from {checkpoint.name}" if checkpoint else f"no complete checkpoint in {paths.root}: starting from step 0")
     else:
         now = time.time()
@@ -233,14 +325,7 @@ def run_training(recipe: Recipe, *, recipe_path: str | None, resume: bool, overw
     update_run_json(
         paths, status="running", recipe_path=recipe_path, versions=library_versions(), pid=os.getpid(), allocator=allocator
     )
-    try:
-        return _train(recipe, paths, checkpoint)
-    except Interrupted:
-        update_run_json(paths, status="interrupted")
-        raise
-    except BaseException as e:
-        update_run_json(paths, status="failed", error=f"{type(e).__name__}: {getattr(e, 'message', e)}")
-        raise
+    return paths, checkpoint
 
 
 def _train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> TrainResult:
@@ -250,38 +335,47 @@ def _train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> TrainRes
 
     from lora_cli.callbacks import MetricsFileCallback, ProgressCallback, StopOnSignalCallback, TokenCounter
     from lora_cli.data import Collator, prepare_data
+    from lora_cli import distributed
     from lora_cli.model import attach_lora, load_base_model, load_tokenizer, resolve_model_source
 
+    main = distributed.is_main()
+    say = print if main else (lambda *args, **kwargs: None)  # one copy of each message, not N
     started = time.perf_counter()
-    set_seed(recipe.train.seed)
-    source = resolve_model_source(recipe.model)
-    print(f"model: {source.description}")
+    set_seed(recipe.train.seed)  # the same on every rank: same LoRA init, same data order
+    # The main process converts a GGUF file into the shared cache once; the others reuse it.
+    source = distributed.main_first(lambda: resolve_model_source(recipe.model))
+    say(f"model: {source.description}")
     tokenizer = load_tokenizer(recipe.model, source)
-    data = prepare_data(recipe.data, tokenizer, seed=recipe.train.seed)
+    data = prepare_data(recipe.data, tokenizer, seed=recipe.train.seed, batch_size=recipe.train.batch_size)
     for line in data.report.lines():
-        print(line)
-    update_run_json(
-        paths,
-        model={"name": recipe.model.name, "source": source.description, "quantization": recipe.model.quantization},
-        data={"fingerprint": data_fingerprint(recipe.data.train), "report": _jsonable(data.report)},
-    )
+        say(line)
+    if distributed.is_distributed():
+        say(distributed.describe_global_batch(recipe.train.batch_size, recipe.train.grad_accum))
+    if main:
+        update_run_json(
+            paths,
+            model={"name": recipe.model.name, "source": source.description, "quantization": recipe.model.quantization},
+            data={"fingerprint": data_fingerprint(recipe.data.train), "report": _jsonable(data.report)},
+        )
 
     base = load_base_model(recipe.model, source)
     quantized = recipe.model.quantization != "none"
     model = attach_lora(base, recipe.lora, quantized=quantized, gradient_checkpointing=recipe.train.gradient_checkpointing)
     trainable, total = model.get_nb_trainable_parameters()
-    print(f"lora: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%)")
+    say(f"lora: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%)")
 
     tokens = TokenCounter()
     stopper = StopOnSignalCallback()
     progress = ProgressCallback(tokens)
     trainer_cls = make_trainer_class()
+    if "tensorboard" in recipe.train.report_to:  # transformers 5 reads the event-file directory from here
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(paths.root / "tensorboard")
     trainer = trainer_cls(
         model=model,
         args=training_arguments(recipe, paths, has_validation=bool(data.validation)),
         train_dataset=data.train,
         eval_dataset=data.validation or None,
-        data_collator=Collator(tokenizer.pad_token_id),
+        data_collator=Collator(tokenizer.pad_token_id, count_tokens=True),
         processing_class=tokenizer,
         callbacks=[MetricsFileCallback(paths.metrics, tokens), progress, stopper],
     )
@@ -296,12 +390,12 @@ def _train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> TrainRes
         train_started = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         train_seconds = time.perf_counter() - train_started
-    except torch.OutOfMemoryError:
-        raise TrainingError(
-            "out of memory during training",
-            "Lower train.batch_size (raise train.grad_accum to keep the effective batch), lower "
-            "data.max_length, set train.gradient_checkpointing: true, or use model.quantization: 4bit.",
-        ) from None
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        from lora_cli.errors import is_out_of_memory, out_of_memory_error
+
+        if not is_out_of_memory(e):
+            raise
+        raise out_of_memory_error(e) from None
     except KeyboardInterrupt:
         raise Interrupted(
             "aborted by a second Ctrl-C; the last complete checkpoint is kept",
@@ -328,10 +422,24 @@ def _train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> TrainRes
             final["eval_loss"] = evals[-1]["eval_loss"]  # the Trainer just evaluated
         else:
             final["eval_loss"] = trainer.evaluate()["eval_loss"]
+    # FSDP / ZeRO-3 shard the weights: every rank takes part in gathering them (else None).
+    state_dict = distributed.gather_full_state_dict(trainer)
     if trainer.is_world_process_zero():
-        with atomic_directory(paths.adapter) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+        from lora_cli.checkpoints import DISK_FULL, disk_full_error
+
+        try:
+            with atomic_directory(paths.adapter) as tmp:
+                model.save_pretrained(tmp, state_dict=state_dict)
+                tokenizer.save_pretrained(tmp)
+                from lora_cli.modelcard import model_card
+
+                card = model_card(recipe, run_name=paths.root.name, report=data.report, trainable=trainable,
+                                  total=total, final=final, source_description=source.description)
+                (tmp / "README.md").write_text(card, encoding="utf-8")  # peft's own card is replaced
+        except OSError as e:
+            if e.errno not in DISK_FULL:
+                raise
+            raise disk_full_error(e, f"the adapter {paths.adapter}", latest_checkpoint(paths)) from None
         update_run_json(
             paths,
             status="completed",
@@ -346,6 +454,10 @@ def _train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> TrainRes
         )
         print(f"adapter saved to {paths.adapter}  (final train loss {final['train_loss']:.4f}"
               + (f", eval loss {final['eval_loss']:.4f}" if "eval_loss" in final else "") + ")")
+        from lora_cli.plot import write_loss_plot
+
+        print(write_loss_plot(paths.metrics, paths.root / "loss.png", title=paths.root.name))
+    distributed.barrier()  # the other ranks finish when the run is complete, not before
     return TrainResult(paths, model, final)
 
 

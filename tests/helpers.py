@@ -85,3 +85,13 @@ def train_tiny_run(tmp: Path, name: str, model_dir: Path, rows: list[dict], **se
     data = write_jsonl(tmp / f"{name}.jsonl", rows)
     recipe = tiny_recipe(model_dir, data, tmp / "runs" / name, **sections)
     return run_training(recipe, recipe_path=None, resume=False, overwrite=False).paths.root
+
+
+def without_cpu_bf16_repacking(model):
+    """A plain-transformers 4-bit model computing as in training. On AVX512-BF16 CPUs,
+    bitsandbytes otherwise switches a 4-bit layer to a bfloat16 kernel at its first forward in
+    eval mode (lora_cli.model.keep_4bit_weights_as_trained turns this off for our models)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model

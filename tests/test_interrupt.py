@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.helpers import chat_rows, write_jsonl
 
 
@@ -58,3 +60,103 @@ def test_sigint_saves_checkpoint_and_resume_finishes(tiny_llama, tmp_path):
     status = json.loads((run / "run.json").read_text())
     assert status["status"] == "completed" and status["final"]["global_step"] == 400
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_second_ctrl_c_during_a_save_aborts_and_keeps_the_last_good_checkpoint(tiny_gpt2, tmp_path, monkeypatch):
+    """Ctrl-C at step 3 starts a save of checkpoint-3; a second Ctrl-C while that save writes its
+    weights aborts at once (exit 130). checkpoint-2 stays complete, nothing half-written is left,
+    and --resume continues from checkpoint-2."""
+    import peft.peft_model
+
+    import lora_cli.callbacks
+    from lora_cli.checkpoints import check_loads_safely
+    from lora_cli.errors import Interrupted
+    from lora_cli.runs import RunPaths
+    from lora_cli.train import latest_checkpoint, run_training
+    from tests.helpers import completion_rows, tiny_recipe
+
+    class CtrlCAtStep3(lora_cli.callbacks.StopOnSignalCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3 and self.received is None:
+                os.kill(os.getpid(), signal.SIGINT)  # the real handler runs, as for a user's Ctrl-C
+            return super().on_step_end(args, state, control, **kwargs)
+
+    real_save = peft.peft_model.safe_save_file
+
+    def save_then_ctrl_c(tensors, filename, *args, **kwargs):
+        real_save(tensors, filename, *args, **kwargs)
+        if "checkpoint-3" in str(filename):
+            os.kill(os.getpid(), signal.SIGINT)  # the impatient second Ctrl-C, mid-save
+
+    monkeypatch.setattr(lora_cli.callbacks, "StopOnSignalCallback", CtrlCAtStep3)
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", save_then_ctrl_c)
+    data = write_jsonl(tmp_path / "train.jsonl", completion_rows())
+    recipe = tiny_recipe(tiny_gpt2, data, tmp_path / "run", train={"max_steps": 4, "save_every": 2})
+    try:
+        with pytest.raises(Interrupted) as info:
+            run_training(recipe, recipe_path=None, resume=False, overwrite=False)
+    finally:
+        monkeypatch.undo()
+    assert info.value.exit_code == 130
+    assert "second Ctrl-C" in info.value.message and "--resume" in info.value.hint
+    run = tmp_path / "run"
+    assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["checkpoint-2"]
+    assert latest_checkpoint(RunPaths(run)) == run / "checkpoints" / "checkpoint-2"
+    check_loads_safely(run / "checkpoints" / "checkpoint-2")
+
+    result = run_training(recipe, recipe_path=None, resume=True, overwrite=False)
+    assert result.final["global_step"] == 4
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143(tiny_gpt2, tmp_path, monkeypatch):
+    """A pre-empting scheduler sends SIGTERM: same save as Ctrl-C, exit code 128 + 15."""
+    import lora_cli.callbacks
+    from lora_cli.errors import Interrupted
+    from lora_cli.runs import RunPaths
+    from lora_cli.train import latest_checkpoint, run_training
+    from tests.helpers import completion_rows, tiny_recipe
+
+    class TermAtStep3(lora_cli.callbacks.StopOnSignalCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3 and self.received is None:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().on_step_end(args, state, control, **kwargs)
+
+    monkeypatch.setattr(lora_cli.callbacks, "StopOnSignalCallback", TermAtStep3)
+    data = write_jsonl(tmp_path / "train.jsonl", completion_rows())
+    recipe = tiny_recipe(tiny_gpt2, data, tmp_path / "run", train={"max_steps": 10})
+    with pytest.raises(Interrupted) as info:
+        run_training(recipe, recipe_path=None, resume=False, overwrite=False)
+    assert info.value.exit_code == 143
+    assert "interrupted at step 3" in info.value.message
+    assert latest_checkpoint(RunPaths(tmp_path / "run")) == tmp_path / "run" / "checkpoints" / "checkpoint-3"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # our handler is removed again
+
+
+def test_ctrl_c_during_the_final_adapter_save_leaves_no_half_adapter(tiny_gpt2, tmp_path, monkeypatch):
+    import peft.peft_model
+
+    from lora_cli.errors import Interrupted
+    from lora_cli.train import run_training
+    from tests.helpers import completion_rows, tiny_recipe
+
+    real_save = peft.peft_model.safe_save_file
+
+    def save_then_ctrl_c(tensors, filename, *args, **kwargs):
+        real_save(tensors, filename, *args, **kwargs)
+        if "checkpoint-" not in str(filename):  # the final adapter, written after training ended
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", save_then_ctrl_c)
+    data = write_jsonl(tmp_path / "train.jsonl", completion_rows())
+    recipe = tiny_recipe(tiny_gpt2, data, tmp_path / "run", train={"max_steps": 2, "save_every": 2})
+    with pytest.raises(Interrupted) as info:
+        run_training(recipe, recipe_path=None, resume=False, overwrite=False)
+    assert info.value.exit_code == 130 and "--resume" in info.value.hint
+    run = tmp_path / "run"
+    assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
+    assert not (run / "adapter").exists()
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # no temporary adapter left
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["checkpoint-2"]

@@ -15,7 +15,7 @@ import torch
 
 from lora_cli.errors import EXIT_RUNTIME, EXIT_USAGE, RunDirError
 from lora_cli.merge import MergeError, run_merge
-from tests.helpers import chat_rows, completion_rows, lora_in_process, train_tiny_run
+from tests.helpers import chat_rows, completion_rows, lora_in_process, train_tiny_run, without_cpu_bf16_repacking
 
 REPO = Path(__file__).resolve().parent.parent
 lora = lora_in_process  # the CLI in-process (tests/helpers.py)
@@ -67,7 +67,7 @@ def base_plus_adapter(model_dir: Path, adapter: Path, *, four_bit: bool = False)
             bnb_4bit_compute_dtype=torch.float32,
         )
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kwargs)
-    return PeftModel.from_pretrained(base, adapter)
+    return PeftModel.from_pretrained(without_cpu_bf16_repacking(base), adapter)
 
 
 def load_plain(directory: Path, dtype=torch.float32):

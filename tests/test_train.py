@@ -13,7 +13,7 @@ import torch
 
 from lora_cli.errors import RunDirError
 from lora_cli.train import run_training
-from tests.helpers import chat_rows, completion_rows, read_metrics, tiny_recipe, write_jsonl
+from tests.helpers import chat_rows, completion_rows, read_metrics, tiny_recipe, without_cpu_bf16_repacking, write_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,7 +50,7 @@ def test_train_learns_saves_and_reloads(arch, quantization, request, tmp_path):
     assert losses[-1] < 0.6 * losses[0], losses
 
     # The run directory holds exactly what the contract says.
-    assert sorted(p.name for p in run.iterdir()) == ["adapter", "checkpoints", "metrics.jsonl", "recipe.yaml", "run.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["adapter", "checkpoints", "loss.png", "metrics.jsonl", "recipe.yaml", "run.json"]
     adapter_files = {p.name for p in (run / "adapter").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= adapter_files
     assert not any(name.endswith((".bin", ".pt", ".pth")) for name in adapter_files)
@@ -72,7 +72,7 @@ def test_train_learns_saves_and_reloads(arch, quantization, request, tmp_path):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
         )
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kwargs)
+    base = without_cpu_bf16_repacking(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kwargs))
     with torch.no_grad():
         base_logits = base(input_ids=ids).logits
     reloaded = PeftModel.from_pretrained(base, run / "adapter").eval()

@@ -1,0 +1,329 @@
+"""`lora estimate`: parameters, adapter size and the memory a run needs, from the model config alone.
+
+No weights are read: the model is built on PyTorch's meta device (shapes only), so counting is
+exact and takes a second even for an 8B model; peft attaches the recipe's LoRA to that meta model
+to count the adapter exactly.
+
+Memory to train, per method (B = train.batch_size, T = data.max_length, b = bytes per weight):
+
+  weights      full/LoRA: P·b (+ LoRA params in float32: peft keeps adapters in fp32)
+               QLoRA: quantized linears at 0.5 byte + quantization constants (1/64 byte with
+               double quantization, else 4/64), the rest (embeddings, norms, head) in float32
+               (prepare_model_for_kbit_training upcasts them), + LoRA params in float32
+  gradients    full: P·b; LoRA/QLoRA: trainable params × 4
+  optimizer    AdamW (torch): 2 states per trainable parameter, in its dtype
+  activations  B·T × (per layer × L + logits), in the compute dtype's bytes a:
+               per layer, per token, in elements (measured with autograd's saved-tensor hooks on
+               tiny Llama and GPT-2 models, transformers 5.x, torch 2.x):
+                 gated MLP (Llama, Mistral, Qwen, SmolLM):  7h + 4i + heads + 3T
+                 plain MLP (GPT-2 style, GELU, dropout):   10h + 5i + 3·heads·T
+                 (3·heads·T replaces heads + 3T when attention materializes its weights:
+                 eager attention or attention dropout > 0)
+               + LoRA: r per adapted linear, + (1 + 1/a)·in_features per adapted linear when
+                 lora.dropout > 0 (peft keeps the dropped-out input and its mask)
+               gradient checkpointing: h per layer + one layer's activations (recomputed)
+               logits: 4 copies of B·T·V in float32 (logits, log-softmax, and their gradients
+               at the peak of the backward pass); LoRA on the architectures where `lora train`
+               computes the loss in chunks (lora_cli/loss.py): 3 copies of one chunk
+Not counted: the Python process and libraries (~0.5-1 GB RSS on a CPU), the data, allocator
+slack. A test checks the LoRA total against the measured peak RSS of `lora train` on a small model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lora_cli.config import ModelConfig, Recipe
+from lora_cli.errors import ModelError
+
+METHODS = ("full", "lora", "qlora")
+PARTS = ("weights", "gradients", "optimizer", "activations")
+SAFETENSORS_BYTES_PER_TENSOR = 130  # the JSON header entry for one tensor (name, dtype, shape)
+
+
+@dataclass
+class ModelShape:
+    total_params: int
+    quantizable_params: int  # in linear layers other than the output head: what 4-bit quantizes
+    trainable_params: int  # LoRA params for the recipe's r / target_modules
+    lora_tensors: int
+    lora_r_per_token: int  # r x adapted linears (all layers): LoRA's A outputs kept per token
+    lora_dropout_inputs: int  # in_features of adapted linears when lora.dropout > 0, else 0
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    vocab: int
+    context: int | None
+    gated_mlp: bool
+    attention_quadratic: bool  # eager attention or attention dropout: weights are kept
+    model_type: str
+
+
+@dataclass
+class Estimate:
+    model: str
+    shape: ModelShape
+    batch_size: int
+    max_length: int
+    weight_bytes: int
+    compute_bytes: int
+    adapter_bytes: int
+    memory: dict[str, dict[str, float]] = field(default_factory=dict)  # method -> part -> bytes
+    method: str = "lora"  # what the recipe uses
+
+    def to_dict(self) -> dict:
+        import dataclasses
+
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- config and counting
+
+
+def load_model_config(cfg: ModelConfig):
+    """The model's config (config.json, or a GGUF file's metadata): never the weights."""
+    from transformers import AutoConfig
+
+    from lora_cli.model import BUILTIN_MODELS, resolve_model_source
+
+    try:
+        gguf = _gguf_path(cfg, BUILTIN_MODELS)
+        if gguf is not None:  # the metadata is enough: no dequantization, no conversion
+            return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        local = Path(cfg.name).expanduser()
+        if (local / "config.json").is_file():  # the config is enough: the weights need not be there
+            return AutoConfig.from_pretrained(str(local), trust_remote_code=cfg.trust_remote_code)
+        source = resolve_model_source(cfg)
+        kwargs = {"trust_remote_code": cfg.trust_remote_code}
+        if source.revision:
+            kwargs["revision"] = source.revision
+        return AutoConfig.from_pretrained(source.location, **kwargs)
+    except ModelError:
+        raise
+    except ImportError as e:
+        raise ModelError(f"reading the model config needs a missing package: {e}", "pip install gguf") from None
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelError(f"could not read the config of model {cfg.name}: {first}",
+                         "Check model.name; offline, name a local model directory or a .gguf file.") from None
+
+
+def _gguf_path(cfg: ModelConfig, builtins: dict) -> Path | None:
+    import importlib.util
+
+    builtin = builtins.get(cfg.name.lower())
+    if builtin is not None:
+        spec = importlib.util.find_spec(builtin.package)
+        if spec is not None and spec.submodule_search_locations:
+            path = Path(list(spec.submodule_search_locations)[0]) / builtin.gguf_file
+            return path if path.is_file() else None
+        return None
+    if cfg.name.endswith(".gguf"):
+        path = Path(cfg.name).expanduser()
+        if not path.is_file():
+            raise ModelError(f"model.name: GGUF file {path} does not exist", "Check the path.")
+        return path
+    return None
+
+
+def model_context(config) -> int | None:
+    """The longest sequence the model was built for (max_position_embeddings / n_positions)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) else None
+
+
+def model_shape(config, recipe: Recipe) -> ModelShape:
+    """Count parameters on the meta device and attach the recipe's LoRA there."""
+    import logging
+    import warnings
+
+    # bitsandbytes (imported by peft) logs a CPU-kernel notice that means nothing for counting.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lora_cli.model import linear_module_names, lora_config
+
+    config.use_cache = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+        total = sum(p.numel() for p in model.parameters())
+        quantizable = 0
+        gated = False
+        for name, module in model.named_modules():
+            if _is_linear(module) and not name.endswith("lm_head"):
+                quantizable += module.weight.numel()
+                gated = gated or "gate" in name.rsplit(".", 1)[-1]
+        try:
+            peft_model = get_peft_model(model, lora_config(recipe.lora))
+        except ValueError as e:
+            raise ModelError(
+                f"lora.target_modules: {e}",
+                f"Use all-linear, or names from this model: {', '.join(sorted(linear_module_names(model)))}",
+            ) from None
+    trainable = tensors = lora_r = lora_in = 0
+    for name, p in peft_model.named_parameters():
+        if p.requires_grad:
+            trainable += p.numel()
+            tensors += 1
+    for module in peft_model.modules():
+        lora_a = getattr(module, "lora_A", None)
+        if lora_a is not None and "default" in lora_a:
+            lora_r += recipe.lora.r
+            lora_in += lora_a["default"].in_features if recipe.lora.dropout > 0 else 0
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = int(text.hidden_size)
+    intermediate = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden
+    attn = getattr(text, "_attn_implementation", None) or "sdpa"
+    attn_dropout = max(float(getattr(text, "attention_dropout", 0) or 0), float(getattr(text, "attn_pdrop", 0) or 0))
+    return ModelShape(
+        total_params=total, quantizable_params=quantizable, trainable_params=trainable, lora_tensors=tensors,
+        lora_r_per_token=lora_r, lora_dropout_inputs=lora_in, layers=int(text.num_hidden_layers), hidden=hidden,
+        intermediate=int(intermediate), heads=int(text.num_attention_heads), vocab=int(text.vocab_size),
+        context=model_context(config), gated_mlp=gated, attention_quadratic=attn == "eager" or attn_dropout > 0,
+        model_type=str(getattr(config, "model_type", "?")),
+    )
+
+
+def _is_linear(module) -> bool:
+    import torch
+
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _dtype_bytes(name: str) -> int:
+    if name == "auto":
+        from lora_cli.model import resolve_dtype
+
+        import torch
+
+        return torch.finfo(resolve_dtype("auto")).bits // 8
+    return {"float32": 4, "bfloat16": 2, "float16": 2}[name]
+
+
+def activation_elements_per_token(shape: ModelShape, seq: int, *, lora: bool, checkpointing: bool,
+                                  nbytes: int = 4) -> float:
+    """Activation elements kept for the backward pass, per token, all layers (see module doc)."""
+    h, i, a = shape.hidden, shape.intermediate, shape.heads
+    attention = 3 * a * seq if shape.attention_quadratic else a + 3 * seq
+    per_layer = (7 * h + 4 * i if shape.gated_mlp else 10 * h + 5 * i) + attention
+    # dropout keeps its output (nbytes) and a 1-byte mask per adapted input
+    extra = (shape.lora_r_per_token + (1 + 1 / nbytes) * shape.lora_dropout_inputs) / shape.layers if lora else 0.0
+    per_layer += extra
+    if checkpointing:
+        return shape.layers * h + per_layer + 2 * h
+    return shape.layers * per_layer + 2 * h  # + embeddings and the final norm
+
+
+def estimate(recipe: Recipe, config=None) -> Estimate:
+    config = config if config is not None else load_model_config(recipe.model)
+    shape = model_shape(config, recipe)
+    m, t = recipe.model, recipe.train
+    b = _dtype_bytes(m.dtype)
+    compute = _dtype_bytes(m.compute_dtype) if m.compute_dtype != "auto" else b
+    tokens = t.batch_size * recipe.data.max_length
+    logits = 4 * tokens * shape.vocab * 4
+    lora_logits = logits
+    chunk = _chunked_loss_rows(shape.model_type)
+    if chunk:  # lora_cli/loss.py: only a chunk of supervised positions is projected at a time
+        lora_logits = 3 * min(chunk, tokens) * shape.vocab * 4
+    P, Q, L = shape.total_params, shape.quantizable_params, shape.trainable_params
+
+    def acts(lora: bool, nbytes: int) -> float:
+        per_token = activation_elements_per_token(
+            shape, recipe.data.max_length, lora=lora, checkpointing=t.gradient_checkpointing, nbytes=nbytes
+        )
+        return tokens * per_token * nbytes + (lora_logits if lora else logits)
+
+    constants = 1 / 64 if m.double_quant else 4 / 64
+    memory = {
+        "full": {"weights": P * b, "gradients": P * b, "optimizer": 2 * P * b, "activations": acts(False, b)},
+        "lora": {"weights": P * b + L * 4, "gradients": L * 4, "optimizer": 2 * L * 4, "activations": acts(True, b)},
+        "qlora": {
+            "weights": Q * (0.5 + constants) + (P - Q) * 4 + L * 4,
+            "gradients": L * 4, "optimizer": 2 * L * 4, "activations": acts(True, compute),
+        },
+    }
+    for parts in memory.values():
+        parts["total"] = sum(parts[p] for p in PARTS)
+    adapter = L * 4 + 8 + SAFETENSORS_BYTES_PER_TENSOR * shape.lora_tensors
+    method = {"none": "lora", "4bit": "qlora", "8bit": "lora (8-bit base)"}[m.quantization]
+    return Estimate(
+        model=m.name, shape=shape, batch_size=t.batch_size, max_length=recipe.data.max_length,
+        weight_bytes=b, compute_bytes=compute, adapter_bytes=int(adapter), memory=memory, method=method,
+    )
+
+
+def _chunked_loss_rows(model_type: str) -> int | None:
+    """Rows per chunk when `lora train` computes the loss chunk-wise for this architecture."""
+    try:
+        from lora_cli.loss import CHUNK_ROWS, PLAIN_HEAD_MODEL_TYPES
+    except ImportError:
+        return None
+    return CHUNK_ROWS if model_type in PLAIN_HEAD_MODEL_TYPES else None
+
+
+# --------------------------------------------------------------------------- output
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def human_count(n: int) -> str:
+    if n >= 1e9:
+        return f"{n / 1e9:.2f}B"
+    if n >= 1e6:
+        return f"{n / 1e6:.2f}M"
+    if n >= 1e3:
+        return f"{n / 1e3:.1f}K"
+    return str(n)
+
+
+def estimate_lines(est: Estimate) -> list[str]:
+    s = est.shape
+    pct = 100 * s.trainable_params / max(1, s.total_params)
+    out = [
+        f"model: {est.model} ({s.model_type}, {s.layers} layers, hidden {s.hidden}, vocab {s.vocab}"
+        + (f", context {s.context}" if s.context else "") + ")",
+        f"parameters: {s.total_params:,} ({human_count(s.total_params)})",
+        f"trainable LoRA parameters: {s.trainable_params:,} ({pct:.2f}%)",
+        f"adapter on disk: {human_bytes(est.adapter_bytes)} (safetensors, float32)",
+        f"memory to train, batch {est.batch_size} x {est.max_length} tokens "
+        f"({est.weight_bytes * 8}-bit weights; not counting ~0.5-1 GB for Python and the libraries):",
+    ]
+    header = f"  {'':<12}" + "".join(f"{name:>12}" for name in ("full", "LoRA", "QLoRA"))
+    out.append(header)
+    for part in (*PARTS, "total"):
+        out.append(f"  {part:<12}" + "".join(f"{human_bytes(est.memory[m][part]):>12}" for m in METHODS))
+    out.append(f"  this recipe: {est.method}")
+    return out
+
+
+def run_estimate(recipe: Recipe, *, as_json: bool = False) -> Estimate:
+    from lora_cli.train import quiet_libraries
+
+    quiet_libraries()
+    est = estimate(recipe)
+    if as_json:
+        import json
+
+        print(json.dumps(est.to_dict(), indent=2))
+    else:
+        for line in estimate_lines(est):
+            print(line)
+    return est

@@ -1,0 +1,448 @@
+"""Training speed and memory: `lora train` against the tutorial recipe, on the same examples.
+
+    .venv/bin/python scripts/bench/training.py [--profiles flan,long,real] [--repeats 3]
+                                               [--out build/bench/training.json]
+
+Candidates, each run in its own fresh subprocess, interleaved and repeated, 2 threads, same seed,
+same examples, same effective batch in examples, one epoch over the examples:
+
+    B0           the tutorial recipe, written here as a blog would: AutoModelForCausalLM +
+                 get_peft_model(LoraConfig(r=16, all linear)) + Trainer, prompt masked,
+                 DataCollatorForSeq2Seq padding each batch to its longest example
+    B1           B0 + group_by_length (train_sampling_strategy in transformers 5: less padding)
+    ours         `lora train` with the equivalent recipe and our defaults (packing, chunked
+                 supervised-only loss, tcmalloc when installed)
+    ours-qlora   the same with the base in 4-bit NF4 (double quantization, float32 compute)
+
+Profiles (scripts/bench/synthetic.py, seeded; nothing committed but the generator):
+
+    flan   short examples of widely varied length     SmolLM2-135M cut to its first 6 layers
+    long   long examples of nearly equal length       SmolLM2-135M cut to its first 6 layers
+    real   the quickstart's Devil's Dictionary pairs  SmolLM2-135M-Instruct, all 30 layers
+
+(The cut models keep real pretrained weights and tokenizer; 6 layers make a profile take a
+minute instead of five.) Per candidate: supervised and non-pad tokens/s (steady state: steps 3
+to the end), padding share, seconds per optimizer step, peak RSS of the process (wait4),
+time from launch to the end of the first step, adapter size, mean train loss over the last
+quarter of the steps, held-out loss after training (work equivalence; same code for all), and
+achieved model FLOP/s (4 N_frozen + 6 N_lora + attention, per non-pad token) over a 2-thread
+fp32 matmul peak measured in the same run. Prints ratios against B0; writes the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts" / "bench"))
+
+WORK = ROOT / "build" / "bench"
+THREADS = 2
+SEED = 0
+LR = 1e-3
+LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
+CANDIDATES = ("B0", "B1", "ours", "ours-qlora")
+# examples per optimizer step, optimizer steps, max_length, layers kept (None: all), held-out rows
+PROFILES = {
+    "flan": {"batch": 8, "steps": 12, "max_length": 512, "layers": 6, "heldout": 32},
+    "long": {"batch": 4, "steps": 8, "max_length": 640, "layers": 6, "heldout": 12},
+    "real": {"batch": 8, "steps": 8, "max_length": 256, "layers": None, "heldout": 32},
+}
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def smollm2_dir() -> Path:
+    from lora_cli.config import ModelConfig
+    from lora_cli.model import resolve_model_source
+
+    return Path(resolve_model_source(ModelConfig(name="smollm2-135m-instruct")).location)
+
+
+def model_for(profile: str) -> Path:
+    """The profile's model directory: SmolLM2 itself, or a copy cut to its first N layers."""
+    full = smollm2_dir()
+    layers = PROFILES[profile]["layers"]
+    if layers is None:
+        return full
+    out = WORK / f"smollm2-{layers}layers"
+    if not (out / "config.json").is_file():
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        config = AutoConfig.from_pretrained(full)
+        config.num_hidden_layers = layers
+        model = AutoModelForCausalLM.from_pretrained(full, config=config, dtype=torch.float32)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(full).save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    return out
+
+
+def rows_for(profile: str) -> tuple[list[dict], list[dict]]:
+    """(training rows, held-out rows) as completion rows {"prompt", "completion"}."""
+    p = PROFILES[profile]
+    n = p["batch"] * p["steps"]
+    if profile == "real":
+        def pairs(path):
+            out = []
+            for line in path.read_text(encoding="utf-8").splitlines():
+                messages = json.loads(line)["messages"]
+                out.append({"prompt": messages[0]["content"] + "\n", "completion": messages[1]["content"]})
+            return out
+
+        data = ROOT / "data" / "devils-dictionary"
+        return pairs(data / "train.jsonl")[:n], pairs(data / "test.jsonl")[: p["heldout"]]
+    import synthetic
+
+    return synthetic.generate(profile, n, seed=SEED), synthetic.generate(profile, p["heldout"], seed=SEED + 1)
+
+
+def tokenize_tutorial(tokenizer, row: dict, max_length: int) -> dict:
+    """How the tutorial tokenizes a prompt/completion pair; also used for the held-out loss."""
+    prompt = tokenizer(row["prompt"])["input_ids"]
+    answer = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = (prompt + answer)[:max_length]
+    labels = ([-100] * len(prompt) + answer)[:max_length]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+# --------------------------------------------------------------------------- workers (subprocesses)
+
+
+def worker_tutorial(spec: dict) -> None:
+    """B0 / B1, as a user would write it; instrumented only to count tokens and time steps."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
+                              TrainerCallback, TrainingArguments)
+
+    torch.set_num_threads(THREADS)
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    rows = [json.loads(line) for line in Path(spec["train"]).read_text().splitlines()]
+    dataset = Dataset.from_list(rows).map(lambda r: tokenize_tutorial(tokenizer, r, spec["max_length"]),
+                                          remove_columns=["prompt", "completion"])
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    log = open(spec["log"], "w")
+    counts = {"supervised_tokens": 0, "tokens": 0, "positions": 0}
+
+    class CountingTrainer(Trainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            counts["supervised_tokens"] += int((inputs["labels"][:, 1:] != -100).sum())
+            counts["tokens"] += int(inputs["attention_mask"].sum())
+            counts["positions"] += int(inputs["input_ids"].numel())
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    class StepLog(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                log.write(json.dumps({"step": state.global_step, "loss": logs["loss"], "time": time.time(), **counts}) + "\n")
+                log.flush()
+
+    args = TrainingArguments(
+        output_dir=spec["out"], per_device_train_batch_size=spec["batch"], num_train_epochs=1,
+        max_steps=spec["steps"], learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0,
+        logging_steps=1, save_strategy="no", report_to="none", seed=SEED, data_seed=SEED,
+        train_sampling_strategy="group_by_length" if spec["group_by_length"] else "random", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
+    )
+    trainer = CountingTrainer(model=model, args=args, train_dataset=dataset,
+                              data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest"), callbacks=[StepLog()])
+    trainer.train()
+    model.save_pretrained(Path(spec["out"]) / "adapter")
+
+
+def ours_command(spec: dict) -> list[str]:
+    lora = shutil.which("lora", path=str(Path(sys.executable).parent)) or "lora"
+    return [lora, "train", spec["recipe"], "--overwrite"]
+
+
+def ours_recipe(spec: dict, quantization: str) -> dict:
+    return {
+        "model": {"name": spec["model"], "dtype": "float32", "quantization": quantization},
+        "lora": {**LORA, "target_modules": "all-linear"},
+        "data": {"train": spec["train"], "format": "completion", "max_length": spec["max_length"], "packing": True},
+        "train": {"epochs": 1, "max_steps": spec["steps"], "batch_size": spec["batch"], "lr": LR,
+                  "scheduler": "linear", "warmup_ratio": 0.0, "log_every": 1, "seed": SEED},
+        "output_dir": spec["out"],
+    }
+
+
+def worker_heldout(spec: dict) -> None:
+    """Held-out loss of base + adapter: summed cross-entropy over supervised tokens / their count."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    torch.set_num_threads(THREADS)
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    kwargs = {}
+    if spec["quantization"] == "4bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32, **kwargs)
+    model = PeftModel.from_pretrained(base, spec["adapter"]).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for line in Path(spec["heldout"]).read_text().splitlines():
+            ex = tokenize_tutorial(tokenizer, json.loads(line), spec["max_length"])
+            ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor([ex["labels"]])
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            total += float(torch.nn.functional.cross_entropy(logits, labels[0, 1:], ignore_index=-100, reduction="sum"))
+            count += int((labels[0, 1:] != -100).sum())
+    print(json.dumps({"heldout_loss": total / count}))
+
+
+def worker_matmul_peak() -> None:
+    import torch
+
+    torch.set_num_threads(THREADS)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    for _ in range(5):
+        a @ b
+    best = 0.0
+    for _ in range(5):
+        start, n = time.perf_counter(), 0
+        while time.perf_counter() - start < 0.4:
+            a @ b
+            n += 1
+        best = max(best, 2 * 1024**3 * n / (time.perf_counter() - start))
+    print(json.dumps({"matmul_flops": best}))
+
+
+def worker_flops_per_token(spec: dict) -> None:
+    """4 N_frozen + 6 N_lora + 6 L d ctx per token (matmul weights only: the embedding lookup is
+    free, the (tied) output head is not); ctx = the mean example length."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(spec["model"])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    frozen = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules="all-linear", task_type="CAUSAL_LM"))
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    attention = 6 * config.num_hidden_layers * config.hidden_size * spec["mean_length"]
+    print(json.dumps({"flops_per_token": 4 * (frozen - 0) + 6 * lora + attention, "n_frozen_matmul": frozen, "n_lora": lora}))
+
+
+# --------------------------------------------------------------------------- the parent
+
+
+def run_child(argv: list[str], env: dict, log_path: Path | None = None) -> tuple[dict, float, float]:
+    """(last JSON line of stdout or {}, peak RSS in GB, launch time) of a subprocess."""
+    launched = time.time()
+    with open(log_path or os.devnull, "w") as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, env=env, text=True, cwd=ROOT)
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        tail = Path(log_path).read_text()[-3000:] if log_path else ""
+        raise SystemExit(f"benchmark child failed ({code}): {' '.join(argv)}\n{tail}\n{out[-2000:]}")
+    return _last_json(out), usage.ru_maxrss / 1e6, launched
+
+
+def _last_json(text: str) -> dict:
+    """The last stdout line that is a JSON object (libraries print other dict-like lines)."""
+    for line in reversed(text.splitlines()):
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return {}
+
+
+def self_worker(mode: str, spec: dict | None = None) -> list[str]:
+    return [sys.executable, __file__, "--worker", mode, "--spec", json.dumps(spec or {})]
+
+
+def step_stats(lines: list[dict], launched: float) -> dict:
+    """Steady-state figures from per-step lines {step, time, tokens, supervised_tokens, loss}."""
+    lines = [line for line in lines if "loss" in line and "time" in line]
+    first = lines[0]
+    warm = lines[min(2, len(lines) - 2)]  # steps 1-2 are warm-up
+    last = lines[-1]
+    seconds = last["time"] - warm["time"]
+    steps = last["step"] - warm["step"]
+    quarter = lines[-max(1, len(lines) // 4):]
+    out = {
+        "steps": last["step"],
+        "supervised_tokens_per_s": (last["supervised_tokens"] - warm["supervised_tokens"]) / seconds,
+        "tokens_per_s": (last["tokens"] - warm["tokens"]) / seconds,
+        "seconds_per_step": seconds / steps,
+        "time_to_first_step_s": first["time"] - launched,
+        "train_loss_last_quarter": statistics.fmean(float(line["loss"]) for line in quarter),
+        "supervised_tokens": last["supervised_tokens"],
+        "tokens": last["tokens"],
+    }
+    if "positions" in last:
+        out["padding"] = 1 - last["tokens"] / last["positions"]
+    elif "padding" in last:
+        out["padding"] = last["padding"]
+    return out
+
+
+def run_candidate(name: str, profile: str, model: Path, files: dict, env: dict, index: int) -> dict:
+    p = PROFILES[profile]
+    out = WORK / "runs" / f"{profile}-{name}-{index}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    spec = {"model": str(model), "train": str(files["train"]), "max_length": p["max_length"], "out": str(out), "steps": p["steps"]}
+    if name in ("B0", "B1"):
+        spec.update(batch=p["batch"], group_by_length=name == "B1", log=str(out / "steps.jsonl"))
+        _, rss, launched = run_child(self_worker("tutorial", spec), env, out / "stderr.log")
+        lines = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+        adapter = out / "adapter"
+    else:
+        import yaml
+
+        spec.update(batch=files["ours_batch"], steps=files["ours_steps"])
+        recipe = out / "recipe.yaml"
+        spec["out"] = str(out / "run")
+        recipe.write_text(yaml.safe_dump(ours_recipe(spec, "4bit" if name == "ours-qlora" else "none"), sort_keys=False))
+        spec["recipe"] = str(recipe)
+        _, rss, launched = run_child(ours_command(spec), env, out / "stderr.log")
+        lines = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+        adapter = out / "run" / "adapter"
+    result = {"peak_rss_gb": rss, **step_stats(lines, launched)}
+    result["adapter_mb"] = (adapter / "adapter_model.safetensors").stat().st_size / 1e6
+    result["adapter"] = str(adapter)
+    return result
+
+
+def prepare_profile(profile: str) -> tuple[Path, dict]:
+    from transformers import AutoTokenizer
+
+    from lora_cli.config import DataConfig
+    from lora_cli.data import prepare_data
+    from lora_cli.train import quiet_libraries
+
+    quiet_libraries()
+    import synthetic
+
+    p = PROFILES[profile]
+    model = model_for(profile)
+    train_rows, heldout_rows = rows_for(profile)
+    files = {"train": synthetic.write_jsonl(train_rows, WORK / "data" / f"{profile}-train.jsonl"),
+             "heldout": synthetic.write_jsonl(heldout_rows, WORK / "data" / f"{profile}-heldout.jsonl")}
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    # Same examples for ours: one epoch over the packed rows in about the same number of steps.
+    packed = prepare_data(DataConfig(train=str(files["train"]), format="completion", max_length=p["max_length"], packing=True),
+                          tokenizer, seed=SEED)
+    rows = len(packed.train)
+    files["ours_batch"] = math.ceil(rows / p["steps"])
+    files["ours_steps"] = math.ceil(rows / files["ours_batch"])
+    lengths = [len(tokenize_tutorial(tokenizer, r, p["max_length"])["input_ids"]) for r in train_rows]
+    files["mean_length"] = statistics.fmean(lengths)
+    files["packed_rows"] = rows
+    return model, files
+
+
+def summarize(runs: list[dict]) -> dict:
+    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float))]
+    out = {k: statistics.median(r[k] for r in runs) for k in keys}
+    out["peak_rss_gb"] = max(r["peak_rss_gb"] for r in runs)
+    out["supervised_tokens_per_s_all"] = [round(r["supervised_tokens_per_s"], 1) for r in runs]
+    return out
+
+
+def print_table(profile: str, summary: dict, peak: float) -> None:
+    b0 = summary["B0"]
+    print(f"\n== {profile} ==  (ratios against B0; medians of the repeats; peak RSS: max)")
+    header = f"{'candidate':11} {'sup tok/s':>9} {'x B0':>5} {'tok/s':>7} {'x B0':>5} {'pad':>5} {'s/step':>6} {'RSS GB':>6} {'x B0':>5} {'1st step s':>10} {'adapter MB':>10} {'train loss':>10} {'held-out':>8} {'MFU':>5}"
+    print(header)
+    for name, s in summary.items():
+        print(f"{name:11} {s['supervised_tokens_per_s']:9.1f} {s['supervised_tokens_per_s'] / b0['supervised_tokens_per_s']:5.2f} "
+              f"{s['tokens_per_s']:7.1f} {s['tokens_per_s'] / b0['tokens_per_s']:5.2f} {s.get('padding', 0):5.1%} "
+              f"{s['seconds_per_step']:6.2f} {s['peak_rss_gb']:6.2f} {s['peak_rss_gb'] / b0['peak_rss_gb']:5.2f} "
+              f"{s['time_to_first_step_s']:10.1f} {s['adapter_mb']:10.1f} {s['train_loss_last_quarter']:10.3f} "
+              f"{s.get('heldout_loss', float('nan')):8.3f} {s['achieved_flops'] / peak:5.1%}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profiles", default="flan,long,real")
+    parser.add_argument("--candidates", default=",".join(CANDIDATES))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=WORK / "training.json")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        spec = json.loads(args.spec or "{}")
+        {"tutorial": worker_tutorial, "heldout": worker_heldout, "flops": worker_flops_per_token,
+         "matmul": lambda _: worker_matmul_peak()}[args.worker](spec)
+        return
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    candidates = args.candidates.split(",")
+    peak = run_child(self_worker("matmul"), env)[0]["matmul_flops"]
+    machine = {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": THREADS, "platform": platform.platform(),
+               "matmul_peak_gflops": round(peak / 1e9, 1)}
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores, {THREADS} threads; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+    report = {"machine": machine, "profiles": {}}
+    for profile in args.profiles.split(","):
+        model, files = prepare_profile(profile)
+        flops = run_child(self_worker("flops", {"model": str(model), "mean_length": files["mean_length"]}), env)[0]
+        print(f"{profile}: {PROFILES[profile]['batch'] * PROFILES[profile]['steps']} examples (mean {files['mean_length']:.0f} tokens), "
+              f"B0/B1: {PROFILES[profile]['steps']} steps of {PROFILES[profile]['batch']}; ours: {files['packed_rows']} packed rows, "
+              f"{files['ours_steps']} steps of {files['ours_batch']}", flush=True)
+        runs: dict[str, list[dict]] = {name: [] for name in candidates}
+        for i in range(args.repeats):
+            for name in candidates:
+                result = run_candidate(name, profile, model, files, env, i)
+                runs[name].append(result)
+                print(f"  {profile} {name} #{i + 1}: {result['supervised_tokens_per_s']:.1f} supervised tok/s, "
+                      f"{result['peak_rss_gb']:.2f} GB", flush=True)
+        summary = {}
+        for name in candidates:
+            summary[name] = summarize(runs[name])
+            summary[name]["achieved_flops"] = summary[name]["tokens_per_s"] * flops["flops_per_token"]
+            heldout_spec = {"model": str(model), "adapter": runs[name][0]["adapter"], "heldout": str(files["heldout"]),
+                            "max_length": PROFILES[profile]["max_length"],
+                            "quantization": "4bit" if name == "ours-qlora" else "none"}
+            summary[name]["heldout_loss"] = run_child(self_worker("heldout", heldout_spec), env)[0]["heldout_loss"]
+        report["profiles"][profile] = {"setup": {k: v for k, v in files.items() if not isinstance(v, Path)},
+                                       "flops": flops, "summary": summary, "runs": runs}
+        print_table(profile, summary, peak) if "B0" in summary else None
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
+    print(f"\nwritten to {args.out}")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+if __name__ == "__main__":
+    main()

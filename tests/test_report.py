@@ -1,0 +1,110 @@
+"""`lora validate` / `train --dry-run`: marked recipe, data report, preview, warnings, estimate."""
+
+from __future__ import annotations
+
+
+import pytest
+
+from lora_cli import datastats
+from lora_cli.config import DataConfig, dump_recipe_marked, load_recipe, recipe_origins
+from lora_cli.data import prepare_data
+from tests.helpers import completion_rows, lora_in_process, write_jsonl
+
+LONG = {"prompt": "Define: long\n", "completion": " ".join(["the quick brown fox"] * 20)}
+
+
+@pytest.fixture(scope="module")
+def report_recipe(tiny_gpt2, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    rows = completion_rows(2)
+    rows.insert(2, LONG)  # file row 3 (line 3): longer than max_length
+    data = write_jsonl(tmp / "train.jsonl", rows)
+    recipe = tmp / "r.yaml"
+    recipe.write_text(f"model: {{name: {tiny_gpt2}}}\ndata: {{train: {data}, max_length: 32}}\n")
+    return recipe
+
+
+def test_validate_prints_marked_recipe_report_preview_and_estimate(report_recipe, monkeypatch, capsys):
+    code, out, err = lora_in_process(monkeypatch, capsys, "validate", report_recipe, "train.batch_size=4", "--preview", "1")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert any(l.startswith("  max_length: 32") and l.endswith("# recipe") for l in lines)
+    assert any(l.startswith("  batch_size: 4") and l.endswith("# override") for l in lines)
+    assert any(l.startswith("  r: 16") and l.endswith("# default") for l in lines)
+    assert "lengths (tokens, before truncation): min" in out and "p95" in out
+    assert any("|#" in l for l in lines)  # the histogram
+    assert any("> max_length" in l for l in lines)  # bins beyond max_length are marked
+    assert "truncated 1 of 17 rows" in out
+    assert "truncated: " in out and "row 3 (line 3)" in out  # names the row
+    assert "supervised" in out
+    # pad == EOS here, but labels keep EOS: reported, not warned about.
+    assert "EOS '<|endoftext|>' is supervised in 16 of 17 examples" in out
+    assert "warning:" not in out
+    assert "padding:" in out and "data.packing: true would leave" in out
+    # preview: prompt masked, answer trained on (plain markers when not a terminal)
+    assert "[masked]Define: fox\n[/]A quick brown animal.<|endoftext|>" in out
+    assert "trainable LoRA parameters" in out and "QLoRA" in out
+
+
+def test_dry_run_is_validate(report_recipe, monkeypatch, capsys):
+    code, out, err = lora_in_process(monkeypatch, capsys, "train", report_recipe, "--dry-run", "--preview", "0")
+    assert code == 0, err
+    assert "recipe: valid" in out and "lengths (tokens" in out and "[masked]" not in out
+
+
+def test_max_length_beyond_context_warns(report_recipe, monkeypatch, capsys):
+    code, out, err = lora_in_process(monkeypatch, capsys, "validate", report_recipe, "data.max_length=1000", "--preview", "0")
+    assert code == 0, err
+    assert "warning: data.max_length 1000 is beyond the model's context of 256 tokens" in out
+    assert "data.max_length=256" in out  # the fix
+
+
+def test_chat_data_without_template_is_an_error_with_fix(tiny_gpt2, tmp_path, monkeypatch, capsys):
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {{name: {tiny_gpt2}}}\ndata: {{train: {data}}}\n")
+    code, out, err = lora_in_process(monkeypatch, capsys, "validate", recipe)
+    assert code == 2 and "no chat template" in err.replace("has none", "no chat template") and "hint:" in err
+    assert "Traceback" not in err
+
+
+def test_missing_eos_is_warned_only_when_it_happens(tmp_path, llama_tokenizer, gpt2_tokenizer):
+    """Conversations that end on a user turn never supervise EOS (ChatML's end-of-turn is not
+    GPT-2's EOS): a warning with a fix. The Llama tokenizer, whose EOS is the end-of-turn, is fine."""
+    from tests.tiny import CHATML_TEMPLATE
+
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                          {"role": "user", "content": "bye"}]}] * 3
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    gpt2_chat = gpt2_tokenizer.__class__.from_pretrained(gpt2_tokenizer.name_or_path)
+    gpt2_chat.chat_template = CHATML_TEMPLATE
+    gpt2_chat.pad_token = gpt2_chat.eos_token
+    report = prepare_data(DataConfig(train=str(path), format="chat"), gpt2_chat, seed=0).report
+    assert report.pad_is_eos and report.eos_supervised == 0
+    assert len(report.warnings) == 1 and "3 of 3 examples have no supervised EOS" in report.warnings[0]
+    assert "Fix:" in report.warnings[0]
+    assert any(l.startswith("warning: 3 of 3") for l in report.lines())
+    ok = prepare_data(DataConfig(train=str(path), format="chat"), llama_tokenizer, seed=0).report
+    assert ok.warnings == [] and ok.eos_supervised == 3
+
+
+def test_recipe_origins_and_marks(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("lora: {r: 4}\ndata: {max_length: 64}\n")
+    origins = recipe_origins(path, ["data.max_length=128", "train.lr=1e-3"])
+    assert origins == {"lora.r": "recipe", "data.max_length": "override", "train.lr": "override"}
+    lines = dump_recipe_marked(load_recipe(path, ["data.max_length=128", "train.lr=1e-3"]), origins)
+    assert "  max_length: 128" in [l.split("#")[0].rstrip() for l in lines]
+    assert any(l.startswith("output_dir: runs/r") and l.endswith("# default (runs/<recipe name>)") for l in lines)
+
+
+def test_datastats():
+    assert datastats.summary([5, 1, 3, 2, 4]) == {"min": 1, "median": 3, "p95": 5, "max": 5}
+    assert datastats.summary([]) == {}
+    hist = datastats.histogram([1, 2, 9, 10, 16], max_length=8, bins=4)
+    assert hist == [[1, 4, 2], [5, 8, 0], [9, 12, 2], [13, 16, 1]]
+    lines = datastats.histogram_lines(hist, 8)
+    assert lines[2].endswith("2  > max_length") and "#" not in lines[1]
+    # whatever the shuffle, the 2 shares a batch with a 10: 8 padded of 40
+    assert datastats.batch_padding([10, 10, 10, 2], 2, seed=0) == pytest.approx(0.2)
+    assert datastats.batch_padding([4, 4, 4, 4], 2, seed=0) == 0.0

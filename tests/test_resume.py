@@ -1,0 +1,284 @@
+"""Resume: exact across an epoch boundary, refusals that name the change, atomic checkpoints, disk full."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lora_cli.callbacks
+from lora_cli.errors import Interrupted, RunDirError, TrainingError
+from lora_cli.train import latest_checkpoint, run_training
+from lora_cli.runs import RunPaths
+from tests.helpers import completion_rows, read_metrics, tiny_recipe, write_jsonl
+
+# 32 rows / batch 8 = 4 steps per epoch; 3 epochs = 12 steps. The interrupt lands at step 6,
+# in the middle of epoch 2, so the resumed run must restore the data order of a later epoch,
+# the position inside it, the optimizer, the scheduler and the dropout RNG.
+STEPS_PER_EPOCH = 4
+INTERRUPT_AT = 6
+TRAIN = {"max_steps": None, "epochs": 3, "log_every": 1, "lr": 5e-3, "scheduler": "linear", "warmup_ratio": 0.0}
+LORA = {"dropout": 0.1}  # dropout makes the RNG state matter
+
+
+def _recipe(model_dir, tmp_path, name, **overrides):
+    data = tmp_path / "train.jsonl"
+    if not data.exists():
+        write_jsonl(data, completion_rows(repeat=4))
+    sections = {"train": dict(TRAIN), "lora": dict(LORA)}
+    for section, values in overrides.items():
+        sections.setdefault(section, {}).update(values)
+    return tiny_recipe(model_dir, data, tmp_path / "runs" / name, **sections)
+
+
+def _interrupting_callback(at_step: int):
+    """StopOnSignalCallback that sends this process a real SIGINT at `at_step`: the same path as
+    a user's Ctrl-C (signal handler -> finish the step -> save -> stop), at a deterministic step."""
+
+    class InterruptAt(lora_cli.callbacks.StopOnSignalCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == at_step and self.received is None:
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().on_step_end(args, state, control, **kwargs)
+
+    return InterruptAt
+
+
+def _adapter(run):
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_gpt2, tmp_path_factory):
+    """An uninterrupted 3-epoch run, the reference for exact resume."""
+    tmp = tmp_path_factory.mktemp("straight")
+    result = run_training(_recipe(tiny_gpt2, tmp, "straight"), recipe_path=None, resume=False, overwrite=False)
+    return result.paths.root
+
+
+def _resume_refusal(recipe) -> RunDirError:
+    with pytest.raises(RunDirError) as info:
+        run_training(recipe, recipe_path=None, resume=True, overwrite=False)
+    assert info.value.exit_code == 2
+    assert "--overwrite" in info.value.hint
+    return info.value
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tiny_gpt2, tmp_path_factory):
+    """The same recipe, interrupted by SIGINT at step 6 (mid epoch 2); not yet resumed."""
+    tmp = tmp_path_factory.mktemp("interrupted")
+    recipe = _recipe(tiny_gpt2, tmp, "interrupted")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(lora_cli.callbacks, "StopOnSignalCallback", _interrupting_callback(INTERRUPT_AT))
+    try:
+        with pytest.raises(Interrupted) as info:
+            run_training(recipe, recipe_path=None, resume=False, overwrite=False)
+    finally:
+        mp.undo()
+    assert info.value.exit_code == 130
+    return tmp, recipe, info.value
+
+
+def test_interrupt_mid_epoch_two_saves_a_checkpoint(interrupted_run):
+    tmp, recipe, error = interrupted_run
+    run = tmp / "runs" / "interrupted"
+    assert f"interrupted at step {INTERRUPT_AT}" in error.message
+    assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
+    assert latest_checkpoint(RunPaths(run)) == run / "checkpoints" / f"checkpoint-{INTERRUPT_AT}"
+    # No temporary checkpoint directories are left behind by the atomic save.
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        f"checkpoint-{STEPS_PER_EPOCH}", f"checkpoint-{INTERRUPT_AT}"
+    ]
+
+
+def test_resume_across_epoch_boundary_matches_uninterrupted_run(straight_run, interrupted_run, capsys):
+    tmp, recipe, _ = interrupted_run
+    run = tmp / "runs" / "interrupted"
+    # What a kill -9 during a save leaves behind: a staging directory, and (from a tool that writes
+    # in place) a newer checkpoint-N without its optimizer state. Both must be skipped and said.
+    ckpts = run / "checkpoints"
+    (ckpts / ".tmp-checkpoint-7").mkdir()
+    (ckpts / ".tmp-checkpoint-7" / "adapter_model.safetensors").write_bytes(b"partial")
+    stray = ckpts / "checkpoint-8"
+    shutil.copytree(ckpts / f"checkpoint-{INTERRUPT_AT}", stray)
+    (stray / "optimizer.pt").unlink()
+    result = run_training(recipe, recipe_path=None, resume=True, overwrite=False)
+    out = capsys.readouterr().out
+    assert f"skipping incomplete checkpoint {ckpts / '.tmp-checkpoint-7'}" in out
+    assert f"skipping incomplete checkpoint {stray} (missing optimizer.pt)" in out
+    assert f"resuming {run} from checkpoint-{INTERRUPT_AT}" in out
+    # The resumed run replaced the stray checkpoint-8 with a complete one and cleaned up.
+    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-12", "checkpoint-8"]
+    assert latest_checkpoint(RunPaths(run)) == ckpts / "checkpoint-12"
+    assert result.final["global_step"] == 3 * STEPS_PER_EPOCH
+
+    expected, got = _adapter(straight_run), _adapter(run)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.allclose(expected[name], got[name], atol=1e-6), name
+
+    # Every loss logged after the resume point equals the uninterrupted run's loss at that step.
+    straight = {m["step"]: m["loss"] for m in read_metrics(straight_run) if "loss" in m}
+    resumed = {}
+    for m in read_metrics(run):
+        if "loss" in m:
+            resumed[m["step"]] = m["loss"]  # later lines (after the resume) win
+    after = [s for s in straight if s > INTERRUPT_AT]
+    assert after == list(range(INTERRUPT_AT + 1, 3 * STEPS_PER_EPOCH + 1))
+    for step in after:
+        assert resumed[step] == pytest.approx(straight[step], abs=1e-5), step
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ({"model": {"name": "TINY_LLAMA"}}, "model.name"),
+        ({"lora": {"r": 4}}, "lora.r: 8 -> 4"),
+        ({"lora": {"alpha": 32}}, "lora.alpha: 16.0 -> 32.0"),
+        ({"lora": {"target_modules": ["c_attn"]}}, "lora.target_modules"),
+        ({"train": {"lr": 1e-3}}, "train.lr"),
+    ],
+)
+def test_resume_refuses_a_change_that_alters_what_is_learned(straight_run, tiny_gpt2, tiny_llama, change, named):
+    if "model" in change:
+        change = {"model": {"name": str(tiny_llama)}}
+    error = _resume_refusal(_recipe(tiny_gpt2, straight_run.parent.parent, "straight", **change))
+    assert f"cannot resume {straight_run}" in error.message and named in error.message
+
+
+def test_resume_refuses_edited_data_and_allows_log_cadence(straight_run, tiny_gpt2, capsys):
+    from lora_cli.train import check_resumable
+
+    tmp = straight_run.parent.parent
+    recipe = _recipe(tiny_gpt2, tmp, "straight", train={"log_every": 3})
+    check_resumable(RunPaths(straight_run), recipe)  # a benign change: allowed, and said
+    assert "resume: train.log_every changed (1 -> 3); allowed" in capsys.readouterr().out
+
+    data = tmp / "train.jsonl"
+    original = data.read_bytes()
+    try:
+        data.write_bytes(original + b'{"prompt": "Define: new\\n", "completion": "An edit."}\n')
+        error = _resume_refusal(recipe)
+    finally:
+        data.write_bytes(original)
+    assert "the training data changed" in error.message and str(data) in error.message
+
+
+@pytest.mark.parametrize("max_steps, failing", [(4, "checkpoint-4"), (2, "the adapter")])
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_gpt2, tmp_path, monkeypatch, max_steps, failing):
+    """A real full disk cannot be made in CI: the second adapter write (checkpoint-4, or the final
+    adapter after checkpoint-2) writes a partial file and then fails with ENOSPC, as the OS would."""
+    import peft.peft_model
+
+    real_save = peft.peft_model.safe_save_file
+    calls = []
+
+    def save_until_disk_full(tensors, filename, *args, **kwargs):
+        calls.append(filename)
+        if len(calls) == 2:
+            with open(filename, "wb") as f:
+                f.write(b"\0" * 100)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+        return real_save(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", save_until_disk_full)
+    recipe = _recipe(tiny_gpt2, tmp_path, "full", train={"max_steps": max_steps, "save_every": 2})
+    with pytest.raises(TrainingError) as info:
+        run_training(recipe, recipe_path=None, resume=False, overwrite=False)
+    ckpts = tmp_path / "runs" / "full" / "checkpoints"
+    assert info.value.exit_code == 1
+    assert info.value.message.startswith(f"disk full while saving {failing}")
+    # No half-written adapter, and no temporary directory of the atomic write is left.
+    assert not (ckpts.parent / "adapter").exists()
+    assert not [p.name for p in ckpts.parent.iterdir() if p.name.startswith(".")]
+    assert f"the previous checkpoint {ckpts / 'checkpoint-2'} is kept" in info.value.message
+    assert "Free disk space" in info.value.hint
+    assert [p.name for p in ckpts.iterdir()] == ["checkpoint-2"]  # no staging dir, no half checkpoint-4
+    assert latest_checkpoint(RunPaths(ckpts.parent)) == ckpts / "checkpoint-2"
+    assert load_file(str(ckpts / "checkpoint-2" / "adapter_model.safetensors"))
+    assert json.loads((ckpts.parent / "run.json").read_text())["status"] == "failed"
+
+
+def test_rotation_keeps_the_newest_complete_checkpoints(straight_run):
+    # Epoch saves at steps 4, 8, 12 with save_total_limit 2; nothing staged is left behind.
+    assert sorted(p.name for p in (straight_run / "checkpoints").iterdir()) == ["checkpoint-12", "checkpoint-8"]
+
+
+# A child process that is killed with SIGKILL (kill -9) in the middle of writing checkpoint-4:
+# the adapter file is half written when the kill lands, as on a pre-empted machine.
+_KILL_SCRIPT = """
+import os, signal, sys
+from pathlib import Path
+import peft.peft_model
+from lora_cli.train import run_training
+from tests.helpers import completion_rows, tiny_recipe, write_jsonl
+
+tmp, model = Path(sys.argv[1]), Path(sys.argv[2])
+real_save = peft.peft_model.safe_save_file
+
+def save_and_die(tensors, filename, *args, **kwargs):
+    if "checkpoint-4" in str(filename):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(tensors, filename, *args, **kwargs)
+
+peft.peft_model.safe_save_file = save_and_die
+data = write_jsonl(tmp / "train.jsonl", completion_rows())
+run_training(tiny_recipe(model, data, tmp / "run", train={"max_steps": 6, "save_every": 2}),
+             recipe_path=None, resume=False, overwrite=False)
+"""
+
+
+def test_kill_9_during_a_save_leaves_the_previous_checkpoint_and_resume_works(tiny_gpt2, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    script = tmp_path / "killed.py"
+    script.write_text(_KILL_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(tiny_gpt2)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    run, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    # The half-written save is under its staging name; the Trainer's "checkpoint-*" sees only step 2.
+    assert sorted(p.name for p in ckpts.iterdir()) == [".tmp-checkpoint-4", "checkpoint-2"]
+    assert latest_checkpoint(RunPaths(run)) == ckpts / "checkpoint-2"
+
+    resumed = subprocess.run([sys.executable, "-m", "lora_cli", "train", "--resume", str(run)], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"skipping incomplete checkpoint {ckpts / '.tmp-checkpoint-4'}" in resumed.stdout
+    assert f"resuming {run} from checkpoint-2" in resumed.stdout
+    assert json.loads((run / "run.json").read_text())["final"]["global_step"] == 6
+    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_atomic_directory_replaces_a_directory_whole(tmp_path):
+    from lora_cli.runs import atomic_directory
+
+    target = tmp_path / "adapter"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_directory(target) as tmp:
+            (tmp / "new.txt").write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # untouched, no temporary left
+    assert [p.name for p in target.iterdir()] == ["old.txt"]
+    with atomic_directory(target) as tmp:
+        (tmp / "new.txt").write_text("new")
+        staged = os.stat(tmp).st_ino
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+    assert [p.name for p in target.iterdir()] == ["new.txt"]
+    assert os.stat(target).st_ino == staged  # the staged directory itself was moved into place
