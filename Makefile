@@ -60,5 +60,9 @@ tiny-models: setup
 clean:
 	rm -rf build runs .pytest_cache
 
+# Benchmarks (~45 min on 2 cores): training vs the tutorial recipe, generation/merge/--help, and
+# the allocator. Results: build/bench/*.json. Run on an otherwise idle machine.
 bench: setup
+	$(PY) scripts/bench/training.py
+	$(PY) scripts/bench/inference.py
 	$(PY) scripts/bench/allocator.py

@@ -143,6 +143,9 @@ def save_checkpoint_atomically(trainer, save, model, trial) -> None:
         if main:
             if final.exists():  # e.g. a stray checkpoint of the same step from an earlier attempt
                 _remove(final)
+            # The Trainer pickles its arguments "for reference"; resuming never reads them, and we
+            # keep no file that only unsafe unpickling could load.
+            (staging / final.name / "training_args.bin").unlink(missing_ok=True)
             os.replace(staging / final.name, final)
             shutil.rmtree(staging, ignore_errors=True)
             rotate(run_dir, trainer.args.save_total_limit or 1 << 30, final)

@@ -1,6 +1,7 @@
 """Training data: records -> formatted text -> tokens + labels (prompt masked) -> packed -> train/val.
 
-    load_records      files (.jsonl .json .csv .tsv .parquet .txt) or a hub dataset id -> list of dicts
+    load_records      files (.jsonl .json .csv .tsv .parquet .txt) or a hub dataset id -> list of
+                      dicts (lora_cli/records.py; re-exported here)
     tokenize_records  one of four row formats -> {"input_ids", "labels"}, with -100 on every token
                       the loss must ignore (prompts, system/user turns), and max_length applied
     pack              first-fit-decreasing packing into rows of at most max_length tokens;
@@ -9,6 +10,7 @@
                       each other
     Collator          pads a batch to its longest row
     prepare_data      all of the above, plus the train/validation split and a report
+                      (lora_cli/datareport.py)
 
 Bad input never surfaces as a traceback: every problem is a `DataError` naming the file, the row
 (and the line, where the file has lines) and the fix. Bad rows are all found before any is
@@ -21,31 +23,25 @@ duck-typed, torch / pyarrow / datasets are imported where they are needed.
 from __future__ import annotations
 
 import bisect
-import csv
 import dataclasses
 import hashlib
-import io
 import json
 import random
-import re
-import sys
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from lora_cli import datastats
 from lora_cli.errors import DataError
+from lora_cli import datastats
+from lora_cli.datareport import DataReport, TokenizeCounts, add_details
+from lora_cli.records import Problems, load_records, load_with_locations, plural, type_name  # noqa: F401 (load_records: re-exported)
 
 IGNORE_INDEX = -100  # the label value the loss skips (PyTorch's cross-entropy default)
 # A batch key (count_tokens=True): real tokens per row, for throughput figures; the trainer
 # removes it before the model sees the batch.
 REAL_TOKENS_KEY = "real_tokens"
-MAX_SHOWN = 5  # bad rows quoted in one error; the rest are only counted
-MAX_LISTED = 10  # truncated / dropped rows named in the data report; the rest are only counted
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}  # "conversations": [{"from", "value"}]
-SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
 
 # The columns that identify each format, in the order `auto` tries them.
 FORMAT_COLUMNS = {
@@ -77,7 +73,6 @@ ALPACA_PROMPT_NO_INPUT = (
     "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 )
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TOKENIZE_CHUNK = 1024  # rows per batched tokenizer call
 
 
@@ -85,421 +80,10 @@ _TOKENIZE_CHUNK = 1024  # rows per batched tokenizer call
 
 
 @dataclass
-class TokenizeCounts:
-    """What `tokenize_records` did to one set of rows."""
-
-    format: str
-    rows: int  # records in
-    examples: int  # examples out
-    truncated: int = 0
-    dropped: int = 0  # longer than max_length with too_long: drop
-    dropped_no_supervised: int = 0  # no token left for the loss (after truncation, if any)
-    tokens: int = 0
-    supervised_tokens: int = 0  # labels the loss uses (the first token of an example never is)
-    longest: int = 0  # longest example before truncation
-    raw_lengths: list[int] = dataclasses.field(default_factory=list)  # every row, before truncation
-    lengths: list[int] = dataclasses.field(default_factory=list)  # every kept example
-    truncated_where: list[str] = dataclasses.field(default_factory=list)
-    dropped_where: list[str] = dataclasses.field(default_factory=list)
-    no_supervised_where: list[str] = dataclasses.field(default_factory=list)
-    eos_last: int = 0  # kept examples with EOS among their supervised tokens (the model learns to stop)
-
-
-@dataclass
-class DataReport:
-    """Counts about the prepared data; `lines()` is what the user sees before training."""
-
-    format: str
-    format_detected: bool  # True when data.format was auto
-    sources: list[str]
-    rows: int  # records loaded from data.train
-    train_records: int  # of those, the rows used for training (the rest are the val_split)
-    train_rows: int  # training examples made from them (before packing)
-    validation_rows: int
-    validation_from: str | None  # "val_split 0.1 (seed 0)", the validation files, or None
-    max_length: int
-    too_long: str
-    truncated: int
-    dropped: int
-    dropped_no_supervised: int
-    train_tokens: int
-    supervised_tokens: int
-    longest: int
-    packed_rows: int | None = None
-    padding_fraction: float | None = None  # packed: share of the rows' max_length capacity left empty
-    validation_truncated: int = 0
-    validation_dropped: int = 0  # too long + no supervised tokens
-    fingerprint: str = ""  # sha256 of every token id and label, train then validation
-    notes: list[str] = dataclasses.field(default_factory=list)  # settings that had no effect, etc.
-    # Token lengths of the training rows before truncation: min/median/p95/max, and
-    # [[low, high, count], ...] bins (datastats.histogram).
-    length_stats: dict = dataclasses.field(default_factory=dict)
-    length_histogram: list = dataclasses.field(default_factory=list)
-    # Which rows (first MAX_LISTED, as "file row N (line M)") were truncated, dropped as too
-    # long, or dropped for having no supervised token.
-    truncated_rows: list[str] = dataclasses.field(default_factory=list)
-    dropped_rows: list[str] = dataclasses.field(default_factory=list)
-    no_supervised_rows: list[str] = dataclasses.field(default_factory=list)
-    eos_token: str = ""
-    eos_supervised: int = 0  # training examples with EOS among their supervised tokens
-    pad_is_eos: bool = False
-    batch_size: int | None = None  # the recipe's, when prepare_data was told it
-    batch_padding_fraction: float | None = None  # unpacked: padding to the longest in each batch
-    packing_would_leave: float | None = None  # unpacked: the padding fraction packing would leave
-    warnings: list[str] = dataclasses.field(default_factory=list)  # problems, each with its fix
-
-    def lines(self, full: bool = False) -> list[str]:
-        """The report; `full` (lora validate) adds the length histogram and the row lists."""
-        return self._counts_lines() + self._detail_lines(full) + [f"warning: {w}" for w in self.warnings]
-
-    def _detail_lines(self, full: bool) -> list[str]:
-        out = []
-        st = self.length_stats
-        if st:
-            out.append(
-                f"lengths (tokens, before truncation): min {st['min']}, median {st['median']}, "
-                f"p95 {st['p95']}, max {st['max']} (max_length {self.max_length})"
-            )
-        if full and self.length_histogram:
-            out += datastats.histogram_lines(self.length_histogram, self.max_length)
-        for label, rows, count in (
-            ("truncated", self.truncated_rows, self.truncated),
-            (f"dropped (longer than {self.max_length})", self.dropped_rows, self.dropped),
-            ("dropped (no supervised tokens)", self.no_supervised_rows, self.dropped_no_supervised),
-        ):
-            if rows and (full or count <= 3):
-                more = f" (+{count - len(rows)} more)" if count > len(rows) else ""
-                out.append(f"{label}: {'; '.join(rows)}{more}")
-        if self.train_rows:
-            pad_note = " (pad token = EOS; labels are padded with -100 by position, so EOS stays in the loss)"
-            out.append(
-                f"EOS {self.eos_token!r} is supervised in {self.eos_supervised} of "
-                f"{_n(self.train_rows, 'example')}" + (pad_note if self.pad_is_eos and full else "")
-            )
-        if self.batch_padding_fraction is not None:
-            packed = (f"; data.packing: true would leave {self.packing_would_leave:.1%}"
-                      if self.packing_would_leave is not None else "")
-            out.append(
-                f"padding: {self.batch_padding_fraction:.1%} of the tokens in shuffled batches of "
-                f"{self.batch_size} are padding{packed}"
-            )
-        return out
-
-    def _counts_lines(self) -> list[str]:
-        detected = " (auto-detected)" if self.format_detected else ""
-        out = [f"data: {_n(self.rows, 'row')} from {', '.join(self.sources)}, format {self.format}{detected}"]
-        share = self.supervised_tokens / self.train_tokens if self.train_tokens else 0.0
-        out.append(
-            f"train: {_n(self.train_rows, 'example')}, {_n(self.train_tokens, 'token')} "
-            f"({self.supervised_tokens} supervised, {share:.0%}), longest {self.longest}"
-        )
-        if self.validation_from:
-            out.append(f"validation: {_n(self.validation_rows, 'example')} from {self.validation_from}")
-        else:
-            out.append("validation: none (set data.validation or data.val_split)")
-        train_records = self.train_records
-        if self.truncated:
-            out.append(
-                f"truncated {self.truncated} of {_n(train_records, 'row')} to max_length "
-                f"{self.max_length} (data.too_long: truncate)"
-            )
-        if self.dropped:
-            out.append(
-                f"dropped {self.dropped} of {_n(train_records, 'row')} longer than max_length "
-                f"{self.max_length} (data.too_long: drop)"
-            )
-        if self.dropped_no_supervised:
-            out.append(
-                f"dropped {self.dropped_no_supervised} of {_n(train_records, 'row')} with no supervised "
-                "tokens" + (" after truncation" if self.truncated else "")
-            )
-        if self.validation_truncated or self.validation_dropped:
-            out.append(
-                f"validation: truncated {self.validation_truncated}, dropped {_n(self.validation_dropped, 'row')}"
-            )
-        if self.packed_rows is not None:
-            out.append(
-                f"packed {_n(self.train_rows, 'example')} into {_n(self.packed_rows, 'row')} of at most "
-                f"{self.max_length} tokens ({1 - (self.padding_fraction or 0):.1%} full)"
-            )
-        return out + self.notes
-
-
-@dataclass
 class PreparedData:
     train: list[dict]  # {"input_ids", "labels"} (+ "position_ids" when packed)
     validation: list[dict] | None  # never packed, so eval loss is comparable across runs
     report: DataReport
-
-
-# --------------------------------------------------------------------------- problems
-
-
-class _Problems:
-    """Collects bad rows; raises one DataError quoting the first few and counting all."""
-
-    def __init__(self) -> None:
-        self.shown: list[str] = []
-        self.count = 0
-
-    def add(self, where: str, message: str) -> None:
-        self.count += 1
-        if len(self.shown) < MAX_SHOWN:
-            self.shown.append(f"{where}: {message}")
-
-    def raise_if_any(self, what: str, hint: str) -> None:
-        if not self.count:
-            return
-        if self.count == 1:
-            raise DataError(self.shown[0], hint)
-        more = f", first {MAX_SHOWN} shown" if self.count > MAX_SHOWN else ""
-        listed = "\n".join(f"  - {s}" for s in self.shown)
-        raise DataError(f"{self.count} {what}{more}:\n{listed}", hint)
-
-
-def _n(count: int, word: str) -> str:
-    return f"{count} {word}{'' if count == 1 else 's'}"
-
-
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
-            float: "a number"}.get(type(value), type(value).__name__)
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def load_records(spec: str | Path | list) -> list[dict]:
-    """Rows of one file, a list of files (concatenated), or a hub dataset id."""
-    return load_with_locations(spec)[0]
-
-
-def load_with_locations(spec: str | Path | list) -> tuple[list[dict], list[str]]:
-    """Rows plus, for each, where it came from ("data/train.jsonl row 3 (line 4)"): pass the
-    second list as `tokenize_records(..., where=)` so errors point at the line."""
-    specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
-    if not specs:
-        raise DataError("no data files given", "set data.train to a file, a list of files or a hub dataset id")
-    records: list[dict] = []
-    where: list[str] = []
-    for one in specs:
-        r, w = _load_one(str(one))
-        records += r
-        where += w
-    return records, where
-
-
-def _load_one(spec: str) -> tuple[list[dict], list[str]]:
-    path = Path(spec).expanduser()
-    if not path.exists():
-        if _looks_like_hub_id(spec):
-            return _load_hub(spec)
-        raise DataError(
-            f"data file not found: {path.resolve()}",
-            f"check the path; relative paths are relative to the current directory ({Path.cwd()})",
-        )
-    if path.is_dir():
-        raise DataError(
-            f"{spec} is a directory, not a data file",
-            "name the files inside it, e.g. data.train: [dir/part1.jsonl, dir/part2.jsonl]",
-        )
-    loader = _LOADERS.get(path.suffix.lower())
-    if loader is None:
-        raise DataError(
-            f"{spec}: unsupported file type '{path.suffix or '(no extension)'}'",
-            f"use one of {' '.join(SUFFIXES)}, or a hub dataset id (owner/name)",
-        )
-    records, where = loader(path, spec)
-    if not records:
-        raise DataError(f"{spec}: no rows (the file is empty)", "add rows to the file, or remove it from the list")
-    return records, where
-
-
-def _looks_like_hub_id(spec: str) -> bool:
-    return Path(spec).suffix == "" and bool(_HUB_ID.match(spec))
-
-
-def _load_hub(spec: str) -> tuple[list[dict], list[str]]:
-    try:
-        import datasets
-
-        rows = datasets.load_dataset(spec, split="train").to_list()
-    except Exception as e:  # offline, unknown id, gated, no 'train' split, ...
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DataError(
-            f"could not load hub dataset '{spec}' (and no local file of that name exists): {first}",
-            "without network access (or with HF_DATASETS_OFFLINE=1) pass a local file instead: "
-            + " ".join(SUFFIXES),
-        ) from None
-    if not rows:
-        raise DataError(f"hub dataset '{spec}' has no rows in its train split")
-    return rows, [f"hub dataset {spec} row {i}" for i in range(1, len(rows) + 1)]
-
-
-def _read_text(path: Path, name: str) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{name}: cannot read: {e.strerror or e}", "check the file's permissions") from None
-    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
-        raise DataError(f"{name}: the file is UTF-16, not UTF-8", "save the file as UTF-8")
-    for magic, kind in ((b"\x1f\x8b", "gzip"), (b"PK\x03\x04", "zip"), (b"\x28\xb5\x2f\xfd", "zstd")):
-        if data.startswith(magic):
-            raise DataError(f"{name}: the file is {kind}-compressed", "decompress it first")
-    skip = 3 if data.startswith(b"\xef\xbb\xbf") else 0  # a UTF-8 byte-order mark is fine
-    try:
-        return data[skip:].decode("utf-8")
-    except UnicodeDecodeError as e:
-        offset = e.start + skip
-        line = data[:offset].count(b"\n") + 1
-        raise DataError(
-            f"{name}: not valid UTF-8 at byte {offset} (line {line}): byte 0x{data[offset]:02x}",
-            "save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in > out`)",
-        ) from None
-
-
-def _lines(text: str) -> list[str]:
-    # Not str.splitlines(): that also splits on U+2028 and friends, which JSON strings may hold raw.
-    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
-
-
-def _load_jsonl(path: Path, name: str) -> tuple[list[dict], list[str]]:
-    records, where = [], []
-    problems = _Problems()
-    lines = _lines(_read_text(path, name))
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.add(f"{name} line {lineno}", f"not valid JSON: {e.msg} (column {e.colno})")
-            continue
-        if not isinstance(obj, dict):
-            problems.add(f"{name} line {lineno}", f"expected a JSON object {{...}}, got {_type_name(obj)}")
-            continue
-        records.append(obj)
-        where.append(f"{name} row {len(records)} (line {lineno})")
-    first = next((line.strip() for line in lines if line.strip()), "")
-    if first in ("[", "{") or (first.startswith("[") and problems.count):
-        hint = ("this looks like one JSON document spread over many lines: name the file .json, "
-                "or write one complete object per line")
-    else:
-        hint = 'each non-blank line of a .jsonl file must be one complete JSON object, e.g. {"text": "..."}'
-    problems.raise_if_any(f"bad lines in {name}", hint)
-    return records, where
-
-
-def _load_json(path: Path, name: str) -> tuple[list[dict], list[str]]:
-    text = _read_text(path, name)
-    if not text.strip():
-        return [], []
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        hint = "fix the JSON syntax at that position"
-        if e.msg == "Extra data":
-            hint = "the file holds more than one JSON value: if it has one object per line, name it .jsonl"
-        raise DataError(f"{name} line {e.lineno} column {e.colno}: not valid JSON: {e.msg}", hint) from None
-    if isinstance(obj, dict):
-        key = next((k for k in ("data", "train") if isinstance(obj.get(k), list)), None)
-        if key is None:
-            raise DataError(
-                f"{name}: expected a list of objects, or an object with a \"data\" or \"train\" list; "
-                f"found an object with keys {', '.join(map(str, list(obj)[:10])) or '(none)'}",
-                "write the rows as a JSON list: [{...}, {...}]",
-            )
-        obj = obj[key]
-    if not isinstance(obj, list):
-        raise DataError(f"{name}: expected a list of objects, got {_type_name(obj)}",
-                        "write the rows as a JSON list: [{...}, {...}]")
-    problems = _Problems()
-    for i, row in enumerate(obj, 1):
-        if not isinstance(row, dict):
-            problems.add(f"{name} row {i}", f"expected an object {{...}}, got {_type_name(row)}")
-    problems.raise_if_any(f"bad rows in {name}", "every element of the list must be an object {...}")
-    return obj, [f"{name} row {i}" for i in range(1, len(obj) + 1)]
-
-
-def _load_csv(path: Path, name: str, delimiter: str = ",") -> tuple[list[dict], list[str]]:
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long texts are normal in training data
-    reader = csv.reader(io.StringIO(_read_text(path, name), newline=""), delimiter=delimiter, strict=True)
-    quote_hint = "quote fields that contain the delimiter, quotes or newlines (\"...\", with \"\" inside)"
-    records, where = [], []
-    problems = _Problems()
-    try:
-        header = next(reader, None)
-        if header is None:
-            return [], []
-        header = [h.strip() for h in header]
-        duplicates = sorted({h for h in header if h and header.count(h) > 1})
-        if duplicates:
-            raise DataError(f"{name} line 1: duplicate column names: {', '.join(duplicates)}",
-                            "give every column a distinct name")
-        while True:
-            line = reader.line_num + 1
-            row = next(reader, None)
-            if row is None:
-                break
-            if not row or (len(row) == 1 and not row[0].strip() and len(header) > 1):
-                continue  # blank line
-            if len(row) != len(header):
-                problems.add(f"{name} row {len(records) + 1} (line {line})",
-                             f"has {len(row)} fields, the header has {len(header)}")
-                continue
-            records.append({h: v for h, v in zip(header, row) if h})  # unnamed columns: spreadsheet residue
-            where.append(f"{name} row {len(records)} (line {line})")
-    except csv.Error as e:
-        raise DataError(f"{name} line {reader.line_num}: not valid CSV: {e}", quote_hint) from None
-    problems.raise_if_any(f"bad rows in {name}", quote_hint)
-    return records, where
-
-
-def _load_tsv(path: Path, name: str) -> tuple[list[dict], list[str]]:
-    return _load_csv(path, name, delimiter="\t")
-
-
-def _load_parquet(path: Path, name: str) -> tuple[list[dict], list[str]]:
-    try:
-        import pyarrow.parquet as pq
-
-        rows = pq.read_table(path).to_pylist()
-    except ImportError:
-        raise DataError(f"{name}: reading Parquet needs pyarrow", "pip install pyarrow") from None
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DataError(f"{name}: cannot read as Parquet: {first}",
-                        "check that the file is a Parquet file (e.g. written by pandas.DataFrame.to_parquet)") from None
-    return rows, [f"{name} row {i}" for i in range(1, len(rows) + 1)]
-
-
-def _load_txt(path: Path, name: str) -> tuple[list[dict], list[str]]:
-    """One {"text"} record per paragraph; paragraphs are separated by blank lines."""
-    records, where = [], []
-    paragraph: list[str] = []
-    start = 0
-    for lineno, line in enumerate([*_lines(_read_text(path, name)), ""], 1):
-        if line.strip():
-            if not paragraph:
-                start = lineno
-            paragraph.append(line)
-        elif paragraph:
-            records.append({"text": "\n".join(paragraph)})
-            where.append(f"{name} paragraph {len(records)} (line {start})")
-            paragraph = []
-    return records, where
-
-
-_LOADERS = {
-    ".jsonl": _load_jsonl,
-    ".json": _load_json,
-    ".csv": _load_csv,
-    ".tsv": _load_tsv,
-    ".parquet": _load_parquet,
-    ".txt": _load_txt,
-}
 
 
 # --------------------------------------------------------------------------- formats
@@ -526,7 +110,7 @@ def _string(record: dict, key: str, optional: bool = False) -> str:
         raise _Bad(f"missing field '{key}' (the row has: {', '.join(map(str, record)) or 'nothing'})")
     value = record[key]
     if not isinstance(value, str):
-        raise _Bad(f"field '{key}' must be a string, got {_type_name(value)}")
+        raise _Bad(f"field '{key}' must be a string, got {type_name(value)}")
     return value
 
 
@@ -545,13 +129,13 @@ def _messages(record: dict, system_prompt: str | None) -> list[dict]:
         except json.JSONDecodeError:
             raise _Bad(f"field '{key}' is a string that is not a JSON list of messages") from None
     if not isinstance(messages, list):
-        raise _Bad(f"field '{key}' must be a list of messages, got {_type_name(messages)}")
+        raise _Bad(f"field '{key}' must be a list of messages, got {type_name(messages)}")
     if not messages:
         raise _Bad(f"field '{key}' is an empty list")
     out = []
     for j, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise _Bad(f"message {j}: must be an object {{\"role\", \"content\"}}, got {_type_name(m)}")
+            raise _Bad(f"message {j}: must be an object {{\"role\", \"content\"}}, got {type_name(m)}")
         null_content = m.get("content", "") is None and not m.get("tool_calls")
         # Parquet/hub rows carry every struct key, null where absent; templates test `is defined`.
         m = {k: v for k, v in m.items() if v is not None}
@@ -562,7 +146,7 @@ def _messages(record: dict, system_prompt: str | None) -> list[dict]:
             m.pop("from")
         role = m.get("role")
         if not isinstance(role, str):
-            raise _Bad(f"message {j}: " + ("missing 'role'" if role is None else f"'role' must be a string, got {_type_name(role)}"))
+            raise _Bad(f"message {j}: " + ("missing 'role'" if role is None else f"'role' must be a string, got {type_name(role)}"))
         if role not in CHAT_ROLES:
             raise _Bad(f"message {j}: unknown role '{role}' (allowed roles: {', '.join(CHAT_ROLES)})")
         if "content" not in m and m.get("tool_calls"):
@@ -570,7 +154,7 @@ def _messages(record: dict, system_prompt: str | None) -> list[dict]:
         if "content" not in m:
             raise _Bad(f"message {j}: " + ("'content' must be a string, got null" if null_content else "missing 'content'"))
         if not isinstance(m["content"], str):
-            raise _Bad(f"message {j}: 'content' must be a string, got {_type_name(m['content'])}")
+            raise _Bad(f"message {j}: 'content' must be a string, got {type_name(m['content'])}")
         out.append(m)
     if system_prompt and not any(m["role"] == "system" for m in out):
         out.insert(0, {"role": "system", "content": system_prompt})
@@ -665,7 +249,7 @@ def tokenize_records(
             "the rows to format: completion ({prompt, completion})",
         )
 
-    problems = _Problems()
+    problems = Problems()
     parts = []
     for record, w in zip(records, where):
         try:
@@ -686,7 +270,7 @@ def tokenize_records(
 
     counts = TokenizeCounts(format=fmt, rows=len(records), examples=0)
     examples = []
-    too_long = _Problems()
+    too_long = Problems()
     for (ids, labels), w in zip(pairs, where):
         counts.longest = max(counts.longest, len(ids))
         counts.raw_lengths.append(len(ids))
@@ -719,7 +303,7 @@ def tokenize_records(
     counts.examples = len(examples)
     if not examples:
         raise DataError(
-            f"{source}: no examples left out of {_n(len(records), 'row')} ({counts.dropped} longer than "
+            f"{source}: no examples left out of {plural(len(records), 'row')} ({counts.dropped} longer than "
             f"max_length {cfg.max_length} dropped, {counts.dropped_no_supervised} with no supervised tokens)",
             "check the data (empty answers? prompts longer than max_length?), raise data.max_length, "
             "or use data.too_long: truncate",
@@ -972,7 +556,7 @@ def prepare_data(
     )
     if cfg.system_prompt and fmt != "chat":
         report.notes.append(f"data.system_prompt is not used: it applies to chat data, and this data is {fmt}")
-    _add_details(report, counts, tokenizer, seed=seed, batch_size=batch_size)
+    add_details(report, counts, tokenizer, seed=seed, batch_size=batch_size)
     if cfg.packing:
         train = pack(train, cfg.max_length)
         report.packed_rows = len(train)
@@ -983,29 +567,6 @@ def prepare_data(
         rows = len(pack([{"input_ids": [0] * n, "labels": [0] * n} for n in counts.lengths], cfg.max_length))
         report.packing_would_leave = 1 - counts.tokens / (rows * cfg.max_length)
     return PreparedData(train=train, validation=validation, report=report)
-
-
-def _add_details(report: DataReport, counts: TokenizeCounts, tokenizer, *, seed: int, batch_size: int | None) -> None:
-    """Length distribution, which rows were cut, and whether examples teach the model to stop."""
-    report.length_stats = datastats.summary(counts.raw_lengths)
-    report.length_histogram = datastats.histogram(counts.raw_lengths, report.max_length)
-    report.truncated_rows = counts.truncated_where[:MAX_LISTED]
-    report.dropped_rows = counts.dropped_where[:MAX_LISTED]
-    report.no_supervised_rows = counts.no_supervised_where[:MAX_LISTED]
-    report.eos_token = str(tokenizer.eos_token)
-    report.eos_supervised = counts.eos_last
-    report.pad_is_eos = tokenizer.pad_token_id is not None and tokenizer.pad_token_id == tokenizer.eos_token_id
-    # Truncated examples lose their EOS by design (the report lists them); any other example
-    # without a supervised EOS teaches the model never to stop.
-    missing = report.train_rows - counts.eos_last - counts.truncated
-    if missing > 0:
-        cause = (" (the pad token is EOS: something masked it like padding)" if report.pad_is_eos else "")
-        report.warnings.append(
-            f"{missing} of {_n(report.train_rows, 'example')} have no supervised "
-            f"EOS {report.eos_token!r}{cause}: the model will not learn to stop. Fix: make sure answers "
-            "end with the EOS token (for chat data, the template's end-of-turn token must be the "
-            "tokenizer's eos_token), or set data.train_on_prompt / check the data format"
-        )
 
 
 def _fingerprint(*parts: list[dict]) -> str:

@@ -254,7 +254,29 @@ def load_base_model(cfg: ModelConfig, source: ModelSource | None = None, *, devi
         raise _load_failure(source, e) from None
     if cfg.quantization == "4bit":
         keep_4bit_weights_as_trained(model)
+    if cfg.quantization != "none":
+        release_checkpoint_mapping(model)
     return model
+
+
+def release_checkpoint_mapping(model) -> None:
+    """Give a quantized model's full-precision tensors their own memory, so the memory-mapped
+    checkpoint file can be unmapped.
+
+    transformers reads safetensors through a memory map and keeps the tensors it does not quantize
+    (embeddings, norms) as views of it; quantizing touched every page of the file, so the process
+    would go on holding the whole full-precision checkpoint (540 MB for SmolLM2-135M in float32)
+    for a handful of small tensors: the opposite of what 4-bit loading is for.
+    """
+    import gc
+
+    import torch
+
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.device.type == "cpu" and tensor.dtype.is_floating_point:
+                tensor.data = tensor.data.clone()
+    gc.collect()  # drops the last references to the mapping now, not at some later collection
 
 
 def keep_4bit_weights_as_trained(model) -> None:

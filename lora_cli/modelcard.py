@@ -27,7 +27,7 @@ def model_card(recipe: Recipe, *, run_name: str, report, trainable: int, total: 
     quantized = recipe.model.quantization != "none"
     tags = ["lora", "peft", "lora-cli", "qlora" if recipe.model.quantization == "4bit" else "sft"]
     front = {"base_model": base, "library_name": "peft", "pipeline_tag": "text-generation", "tags": tags}
-    m, lo, d, t = recipe.model, recipe.lora, recipe.data, recipe.train
+    m, lo, t = recipe.model, recipe.lora, recipe.train
     targets = lo.target_modules if isinstance(lo.target_modules, str) else ", ".join(lo.target_modules)
     sources = ", ".join(report.sources)
     share = report.supervised_tokens / report.train_tokens if report.train_tokens else 0.0

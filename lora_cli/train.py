@@ -39,6 +39,11 @@ def quiet_libraries() -> None:
     # layers are transposed (it handles that itself): noise for a user.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+    # bitsandbytes advises installing `kernels` (which downloads code from the Hub) for a CPU
+    # inference kernel that lora_cli.model turns off anyway.
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     import datasets
     import transformers
 
@@ -193,7 +198,11 @@ def make_trainer_class():
                     nonpad = int(real_tokens.sum())
                 else:
                     nonpad = int(mask.sum()) if mask is not None else int(labels.numel())
-                self.tokens.add(supervised, nonpad, int(labels.numel()))
+                counts = [supervised, nonpad, int(labels.numel())]
+                if self.accelerator.num_processes > 1:  # the whole step's tokens, not rank 0's share
+                    summed = self.accelerator.reduce(torch.tensor(counts, device=labels.device), reduction="sum")
+                    counts = [int(n) for n in summed.tolist()]
+                self.tokens.add(*counts)
             loss = super().training_step(model, inputs, num_items_in_batch)
             if torch.isfinite(loss).all():
                 self._nonfinite_in_a_row = 0
@@ -213,6 +222,12 @@ def make_trainer_class():
 
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
             inputs = {k: v for k, v in inputs.items() if k != REAL_TOKENS_KEY}
+            if prediction_loss_only and "labels" in inputs and self._plain_head(model) is not None:
+                # Evaluation needs only the loss: the same chunked loss as training, no logits.
+                inputs = self._prepare_inputs(inputs)
+                with torch.no_grad():
+                    loss = self.compute_loss(model, inputs)
+                return loss.detach(), None, None
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -349,6 +364,7 @@ def _train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> TrainRes
     data = prepare_data(recipe.data, tokenizer, seed=recipe.train.seed, batch_size=recipe.train.batch_size)
     for line in data.report.lines():
         say(line)
+    say(_memory_line(recipe))
     if distributed.is_distributed():
         say(distributed.describe_global_batch(recipe.train.batch_size, recipe.train.grad_accum))
     if main:
@@ -459,6 +475,19 @@ def _train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> TrainRes
         print(write_loss_plot(paths.metrics, paths.root / "loss.png", title=paths.root.name))
     distributed.barrier()  # the other ranks finish when the run is complete, not before
     return TrainResult(paths, model, final)
+
+
+def _memory_line(recipe: Recipe) -> str:
+    """One line of `lora estimate` for this recipe: memory before it is spent, not an hour in."""
+    from lora_cli.errors import LoraError
+    from lora_cli.estimate import estimate, human_bytes
+
+    try:
+        est = estimate(recipe)
+    except (LoraError, OSError, ValueError) as e:  # an estimate never stops a run
+        return f"memory estimate: unavailable ({getattr(e, 'message', e)})"
+    return (f"memory estimate: {human_bytes(est.memory[est.method]['total'])} to train ({est.method}, batch "
+            f"{est.batch_size} x {est.max_length} tokens, plus ~0.5-1 GB for the libraries; `lora estimate` has the table)")
 
 
 def _jsonable(obj) -> dict:

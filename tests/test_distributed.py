@@ -85,6 +85,9 @@ def assert_one_clean_run(run_dir: Path, out: str, reference: Path) -> None:
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1)), "each step logged once, by rank 0 only"
     expected = [m["loss"] for m in read_metrics(reference) if "loss" in m]
     assert [m["loss"] for m in metrics] == pytest.approx(expected, abs=1e-4)
+    # Token counts are of the whole global batch, summed over the ranks.
+    reference_tokens = [(m["supervised_tokens"], m["tokens"]) for m in read_metrics(reference) if "loss" in m]
+    assert [(m["supervised_tokens"], m["tokens"]) for m in metrics] == reference_tokens
 
 
 def assert_loads_with_plain_peft(model_dir: Path, adapter: Path, reference_adapter: Path) -> None:

@@ -83,3 +83,25 @@ def test_trainable_or_unlisted_heads_use_the_model_loss(tiny_gpt2):
     hf_model.get_output_embeddings().weight.requires_grad_(False)
     hf_model.config.model_type = "gemma2"  # soft-capped logits: not lm_head(hidden)
     assert chunked.plain_head(hf_model) is None
+
+
+def test_trainer_uses_it_for_training_and_evaluation_with_the_same_result(tiny_llama, tmp_path):
+    """LoraTrainer's loss (train step and evaluate) equals the Trainer's own, on a padded batch."""
+    from transformers import TrainingArguments
+
+    from lora_cli.data import Collator
+    from lora_cli.train import make_trainer_class
+
+    rows = [{"input_ids": list(range(3, 3 + n)), "labels": [-100] * 2 + list(range(5, 3 + n))} for n in (5, 9, 7, 12)]
+    results = {}
+    for chunked_loss in (True, False):
+        model = _peft_model(tiny_llama)
+        trainer_cls = make_trainer_class()
+        trainer_cls.use_chunked_loss = chunked_loss
+        args = TrainingArguments(output_dir=str(tmp_path / str(chunked_loss)), per_device_eval_batch_size=2,
+                                 report_to="none", use_cpu=True, disable_tqdm=True)
+        trainer = trainer_cls(model=model, args=args, eval_dataset=rows, data_collator=Collator(0, count_tokens=True))
+        assert (trainer._plain_head(model) is not None) == chunked_loss
+        batch = trainer._prepare_inputs(Collator(0)(rows))
+        results[chunked_loss] = (trainer.evaluate()["eval_loss"], float(trainer.compute_loss(model, batch)))
+    torch.testing.assert_close(results[True], results[False], rtol=1e-5, atol=1e-6)

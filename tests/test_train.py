@@ -54,6 +54,8 @@ def test_train_learns_saves_and_reloads(arch, quantization, request, tmp_path):
     adapter_files = {p.name for p in (run / "adapter").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= adapter_files
     assert not any(name.endswith((".bin", ".pt", ".pth")) for name in adapter_files)
+    assert list((run / "checkpoints").glob("checkpoint-*/adapter_model.safetensors"))
+    assert not list((run / "checkpoints").rglob("*.bin")), "no pickled TrainingArguments in checkpoints"
     status = json.loads((run / "run.json").read_text())
     assert status["status"] == "completed"
     assert status["final"]["global_step"] == 40

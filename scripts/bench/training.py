@@ -12,7 +12,8 @@ same examples, same effective batch in examples, one epoch over the examples:
     B1           B0 + group_by_length (train_sampling_strategy in transformers 5: less padding)
     ours         `lora train` with the equivalent recipe and our defaults (packing, chunked
                  supervised-only loss, tcmalloc when installed)
-    ours-qlora   the same with the base in 4-bit NF4 (double quantization, float32 compute)
+    ours-qlora   the same with the base in 4-bit NF4 (double quantization, float32 compute) and
+                 gradient checkpointing, as QLoRA recipes run (configs/smollm2-chat-qlora.yaml)
 
 Profiles (scripts/bench/synthetic.py, seeded; nothing committed but the generator):
 
@@ -57,7 +58,7 @@ CANDIDATES = ("B0", "B1", "ours", "ours-qlora")
 PROFILES = {
     "flan": {"batch": 8, "steps": 12, "max_length": 512, "layers": 6, "heldout": 32},
     "long": {"batch": 4, "steps": 8, "max_length": 640, "layers": 6, "heldout": 12},
-    "real": {"batch": 8, "steps": 8, "max_length": 256, "layers": None, "heldout": 32},
+    "real": {"batch": 16, "steps": 10, "max_length": 160, "layers": None, "heldout": 32},
 }
 
 
@@ -182,7 +183,9 @@ def ours_recipe(spec: dict, quantization: str) -> dict:
         "lora": {**LORA, "target_modules": "all-linear"},
         "data": {"train": spec["train"], "format": "completion", "max_length": spec["max_length"], "packing": True},
         "train": {"epochs": 1, "max_steps": spec["steps"], "batch_size": spec["batch"], "lr": LR,
-                  "scheduler": "linear", "warmup_ratio": 0.0, "log_every": 1, "seed": SEED},
+                  "scheduler": "linear", "warmup_ratio": 0.0, "log_every": 1, "seed": SEED,
+                  # QLoRA is for memory: run it as QLoRA recipes do (configs/smollm2-chat-qlora.yaml)
+                  "gradient_checkpointing": quantization == "4bit"},
         "output_dir": spec["out"],
     }
 
@@ -210,6 +213,17 @@ def worker_heldout(spec: dict) -> None:
             total += float(torch.nn.functional.cross_entropy(logits, labels[0, 1:], ignore_index=-100, reduction="sum"))
             count += int((labels[0, 1:] != -100).sum())
     print(json.dumps({"heldout_loss": total / count}))
+
+
+def worker_import_baseline() -> None:
+    """The libraries a training process imports, and nothing else: what `lora estimate` leaves out."""
+    import bitsandbytes  # noqa: F401
+    import datasets  # noqa: F401
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    import lora_cli.train  # noqa: F401
 
 
 def worker_matmul_peak() -> None:
@@ -264,7 +278,14 @@ def run_child(argv: list[str], env: dict, log_path: Path | None = None) -> tuple
 
 
 def _last_json(text: str) -> dict:
-    """The last stdout line that is a JSON object (libraries print other dict-like lines)."""
+    """All of stdout as a JSON object, else its last line that is one (libraries print other
+    dict-like lines)."""
+    try:
+        value = json.loads(text)
+        if isinstance(value, dict):
+            return value
+    except ValueError:
+        pass
     for line in reversed(text.splitlines()):
         try:
             value = json.loads(line)
@@ -324,10 +345,13 @@ def run_candidate(name: str, profile: str, model: Path, files: dict, env: dict, 
         spec["out"] = str(out / "run")
         recipe.write_text(yaml.safe_dump(ours_recipe(spec, "4bit" if name == "ours-qlora" else "none"), sort_keys=False))
         spec["recipe"] = str(recipe)
+        estimate = run_child(ours_command(spec)[:1] + ["estimate", str(recipe), "--json"], env)[0]
         _, rss, launched = run_child(ours_command(spec), env, out / "stderr.log")
         lines = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
         adapter = out / "run" / "adapter"
     result = {"peak_rss_gb": rss, **step_stats(lines, launched)}
+    if name not in ("B0", "B1"):  # `lora estimate` for this recipe, training memory without the libraries
+        result["estimate_gb"] = estimate["memory"]["qlora" if name == "ours-qlora" else "lora"]["total"] / 1e9
     result["adapter_mb"] = (adapter / "adapter_model.safetensors").stat().st_size / 1e6
     result["adapter"] = str(adapter)
     return result
@@ -353,7 +377,9 @@ def prepare_profile(profile: str) -> tuple[Path, dict]:
     packed = prepare_data(DataConfig(train=str(files["train"]), format="completion", max_length=p["max_length"], packing=True),
                           tokenizer, seed=SEED)
     rows = len(packed.train)
-    files["ours_batch"] = math.ceil(rows / p["steps"])
+    # The packed-row batch whose number of steps is closest to B0's: about the same examples per
+    # optimizer step (a packed row holds a varying number of examples).
+    files["ours_batch"] = min(range(1, rows + 1), key=lambda b: (abs(math.ceil(rows / b) - p["steps"]), b))
     files["ours_steps"] = math.ceil(rows / files["ours_batch"])
     lengths = [len(tokenize_tutorial(tokenizer, r, p["max_length"])["input_ids"]) for r in train_rows]
     files["mean_length"] = statistics.fmean(lengths)
@@ -394,15 +420,16 @@ def main() -> None:
     if args.worker:
         spec = json.loads(args.spec or "{}")
         {"tutorial": worker_tutorial, "heldout": worker_heldout, "flops": worker_flops_per_token,
-         "matmul": lambda _: worker_matmul_peak()}[args.worker](spec)
+         "matmul": lambda _: worker_matmul_peak(), "imports": lambda _: worker_import_baseline()}[args.worker](spec)
         return
 
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     candidates = args.candidates.split(",")
     peak = run_child(self_worker("matmul"), env)[0]["matmul_flops"]
+    imports_gb = run_child(self_worker("imports"), env)[1]
     machine = {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": THREADS, "platform": platform.platform(),
-               "matmul_peak_gflops": round(peak / 1e9, 1)}
+               "matmul_peak_gflops": round(peak / 1e9, 1), "imports_rss_gb": round(imports_gb, 3)}
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, {THREADS} threads; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
     report = {"machine": machine, "profiles": {}}
     for profile in args.profiles.split(","):
@@ -429,6 +456,13 @@ def main() -> None:
         report["profiles"][profile] = {"setup": {k: v for k, v in files.items() if not isinstance(v, Path)},
                                        "flops": flops, "summary": summary, "runs": runs}
         print_table(profile, summary, peak) if "B0" in summary else None
+        for name, s in summary.items():
+            if "estimate_gb" in s:
+                measured = s["peak_rss_gb"] - imports_gb
+                s["estimate_error"] = s["estimate_gb"] / measured - 1
+                print(f"  lora estimate, {name}: {s['estimate_gb']:.2f} GB vs measured {measured:.2f} GB "
+                      f"(peak RSS {s['peak_rss_gb']:.2f} minus {imports_gb:.2f} GB of imported libraries): "
+                      f"{s['estimate_error']:+.0%}")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))
     print(f"\nwritten to {args.out}")
