@@ -24,7 +24,12 @@ Memory to train, per method (B = train.batch_size, T = data.max_length, b = byte
                gradient checkpointing: h per layer + one layer's activations (recomputed)
                logits: 4 copies of B·T·V in float32 (logits, log-softmax, and their gradients
                at the peak of the backward pass); LoRA on the architectures where `lora train`
-               computes the loss in chunks (lora_cli/loss.py): 3 copies of one chunk
+               computes the loss in chunks (lora_cli/loss.py): 2 copies of one chunk (its logits,
+               turned into the softmax in place, and a transient), an upper bound: only
+               supervised positions are projected, and the estimate does not read the data
+  loading      the checkpoint read through a memory map (P·b); QLoRA: + the quantized weights and
+               copies of the tensors left unquantized. total = max(sum of the four, loading): with
+               gradient checkpointing, loading can be a QLoRA run's peak
 Not counted: the Python process and libraries (~0.5-1 GB RSS on a CPU), the data, allocator
 slack. A test checks the LoRA total against the measured peak RSS of `lora train` on a small model.
 """
@@ -236,7 +241,7 @@ def estimate(recipe: Recipe, config=None) -> Estimate:
     lora_logits = logits
     chunk = _chunked_loss_rows(shape.model_type)
     if chunk:  # lora_cli/loss.py: only a chunk of supervised positions is projected at a time
-        lora_logits = 3 * min(chunk, tokens) * shape.vocab * 4
+        lora_logits = 2 * min(chunk, tokens) * shape.vocab * 4
     P, Q, L = shape.total_params, shape.quantizable_params, shape.trainable_params
 
     def acts(lora: bool, nbytes: int) -> float:
@@ -254,8 +259,13 @@ def estimate(recipe: Recipe, config=None) -> Estimate:
             "gradients": L * 4, "optimizer": 2 * L * 4, "activations": acts(True, compute),
         },
     }
-    for parts in memory.values():
-        parts["total"] = sum(parts[p] for p in PARTS)
+    # Loading reads the checkpoint through a memory map (P·b, resident while it is read); a
+    # quantized load also copies the tensors it does not quantize before the map is released
+    # (lora_cli/model.py). For QLoRA with gradient checkpointing this, not training, is the peak.
+    load = {"full": P * b, "lora": P * b, "qlora": P * b + (P - Q) * 4 + Q * (0.5 + constants)}
+    for method, parts in memory.items():
+        parts["loading"] = load[method]
+        parts["total"] = max(sum(parts[p] for p in PARTS), load[method])
     adapter = L * 4 + 8 + SAFETENSORS_BYTES_PER_TENSOR * shape.lora_tensors
     method = {"none": "lora", "4bit": "qlora", "8bit": "lora (8-bit base)"}[m.quantization]
     return Estimate(
@@ -308,7 +318,7 @@ def estimate_lines(est: Estimate) -> list[str]:
     ]
     header = f"  {'':<12}" + "".join(f"{name:>12}" for name in ("full", "LoRA", "QLoRA"))
     out.append(header)
-    for part in (*PARTS, "total"):
+    for part in (*PARTS, "loading", "total"):
         out.append(f"  {part:<12}" + "".join(f"{human_bytes(est.memory[m][part]):>12}" for m in METHODS))
     out.append(f"  this recipe: {est.method}")
     return out
