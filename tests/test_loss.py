@@ -103,5 +103,5 @@ def test_trainer_uses_it_for_training_and_evaluation_with_the_same_result(tiny_l
         trainer = trainer_cls(model=model, args=args, eval_dataset=rows, data_collator=Collator(0, count_tokens=True))
         assert (trainer._plain_head(model) is not None) == chunked_loss
         batch = trainer._prepare_inputs(Collator(0)(rows))
-        results[chunked_loss] = (trainer.evaluate()["eval_loss"], float(trainer.compute_loss(model, batch)))
+        results[chunked_loss] = (trainer.evaluate()["eval_loss"], float(trainer.compute_loss(model, batch).detach()))
     torch.testing.assert_close(results[True], results[False], rtol=1e-5, atol=1e-6)

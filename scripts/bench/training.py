@@ -164,7 +164,7 @@ def worker_tutorial(spec: dict) -> None:
         output_dir=spec["out"], per_device_train_batch_size=spec["batch"], num_train_epochs=1,
         max_steps=spec["steps"], learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0,
         logging_steps=1, save_strategy="no", report_to="none", seed=SEED, data_seed=SEED,
-        train_sampling_strategy="group_by_length" if spec["group_by_length"] else "random", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
+        train_sampling_strategy="group_by_length" if spec["group_by_length"] else "random", use_cpu=not torch.cuda.is_available(), disable_tqdm=True, dataloader_num_workers=0,
     )
     trainer = CountingTrainer(model=model, args=args, train_dataset=dataset,
                               data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest"), callbacks=[StepLog()])
