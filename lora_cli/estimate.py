@@ -91,11 +91,15 @@ def load_model_config(cfg: ModelConfig):
     """The model's config (config.json, or a GGUF file's metadata): never the weights."""
     from transformers import AutoConfig
 
-    from lora_cli.model import BUILTIN_MODELS, resolve_model_source
+    from lora_cli.model import converted_gguf_dir, gguf_file, resolve_model_source
 
     try:
-        gguf = _gguf_path(cfg, BUILTIN_MODELS)
-        if gguf is not None:  # the metadata is enough: no dequantization, no conversion
+        gguf = gguf_file(cfg)
+        if gguf is not None:
+            converted = converted_gguf_dir(gguf)
+            if (converted / "config.json").is_file():  # converted before: its config, read in no time
+                return AutoConfig.from_pretrained(str(converted))
+            # The metadata is enough: no dequantization, no conversion (but a few seconds of parsing).
             return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         local = Path(cfg.name).expanduser()
         if (local / "config.json").is_file():  # the config is enough: the weights need not be there
@@ -113,24 +117,6 @@ def load_model_config(cfg: ModelConfig):
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelError(f"could not read the config of model {cfg.name}: {first}",
                          "Check model.name; offline, name a local model directory or a .gguf file.") from None
-
-
-def _gguf_path(cfg: ModelConfig, builtins: dict) -> Path | None:
-    import importlib.util
-
-    builtin = builtins.get(cfg.name.lower())
-    if builtin is not None:
-        spec = importlib.util.find_spec(builtin.package)
-        if spec is not None and spec.submodule_search_locations:
-            path = Path(list(spec.submodule_search_locations)[0]) / builtin.gguf_file
-            return path if path.is_file() else None
-        return None
-    if cfg.name.endswith(".gguf"):
-        path = Path(cfg.name).expanduser()
-        if not path.is_file():
-            raise ModelError(f"model.name: GGUF file {path} does not exist", "Check the path.")
-        return path
-    return None
 
 
 def model_context(config) -> int | None:

@@ -64,20 +64,14 @@ def resolve_model_source(cfg: ModelConfig) -> ModelSource:
     """Turn `model.name` into something `from_pretrained` can load, converting GGUF on first use."""
     name = cfg.name
     builtin = BUILTIN_MODELS.get(name.lower())
-    if builtin is not None:
-        spec = importlib.util.find_spec(builtin.package)  # finds the wheel without importing it
-        if spec is not None and spec.submodule_search_locations:
-            gguf = Path(list(spec.submodule_search_locations)[0]) / builtin.gguf_file
-            if gguf.is_file():
-                directory = convert_gguf(gguf)
-                return ModelSource(str(directory), None, f"{name} (GGUF from {builtin.package})", True)
+    gguf = gguf_file(cfg)
+    if gguf is not None:
+        description = f"{name} (GGUF from {builtin.package})" if builtin else f"{gguf} (GGUF)"
+        return ModelSource(str(convert_gguf(gguf)), None, description, True)
+    if builtin is not None:  # its wheel is not installed: the same model from the hub
         return ModelSource(builtin.hub_id, cfg.revision, f"{name} ({builtin.hub_id} on the hub)", False)
 
     path = Path(name).expanduser()
-    if name.endswith(".gguf"):
-        if not path.is_file():
-            raise ModelError(f"model.name: GGUF file {path} does not exist", "Check the path.")
-        return ModelSource(str(convert_gguf(path)), None, f"{path} (GGUF)", True)
     if path.exists():
         check_local_model_dir(path, allow_pickle=cfg.allow_pickle_weights, trust_remote_code=cfg.trust_remote_code)
         return ModelSource(str(path), None, str(path), True)
@@ -88,6 +82,32 @@ def resolve_model_source(cfg: ModelConfig) -> ModelSource:
             f"Built-in names: {', '.join(BUILTIN_MODELS)}. Hub ids look like owner/name.",
         )
     return ModelSource(name, cfg.revision, f"{name} (hub)", False)
+
+
+def gguf_file(cfg: ModelConfig) -> Path | None:
+    """The GGUF file `model.name` refers to (a built-in name whose wheel is installed, or a .gguf
+    path), without converting it; None for anything else."""
+    builtin = BUILTIN_MODELS.get(cfg.name.lower())
+    if builtin is not None:
+        spec = importlib.util.find_spec(builtin.package)  # finds the wheel without importing it
+        if spec is not None and spec.submodule_search_locations:
+            path = Path(list(spec.submodule_search_locations)[0]) / builtin.gguf_file
+            return path if path.is_file() else None
+        return None
+    if cfg.name.endswith(".gguf"):
+        path = Path(cfg.name).expanduser()
+        if not path.is_file():
+            raise ModelError(f"model.name: GGUF file {path} does not exist", "Check the path.")
+        return path
+    return None
+
+
+def converted_gguf_dir(gguf: Path) -> Path:
+    """Where `convert_gguf` keeps (or will keep) the safetensors copy of `gguf`."""
+    gguf = gguf.resolve()
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / f"{gguf.stem}-{key}"
 
 
 def check_local_model_dir(path: Path, *, allow_pickle: bool, trust_remote_code: bool = False) -> None:
@@ -118,10 +138,7 @@ def convert_gguf(gguf: Path) -> Path:
     transformers dequantizes GGUF on every load (~20 s for 135M parameters); the cached copy
     loads in well under a second.
     """
-    gguf = gguf.resolve()
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = cache_root() / "gguf" / f"{gguf.stem}-{key}"
+    target = converted_gguf_dir(gguf)
     if (target / "config.json").is_file():
         return target
 

@@ -234,7 +234,9 @@ def make_trainer_class():
             # Our loss skips the logits of unsupervised positions and never holds all of them at
             # once (lora_cli/loss.py); same value as the model's own loss. Only where it is exact.
             head = self._plain_head(model)
-            if head is None or "labels" not in inputs or (return_outputs and not self.args.prediction_loss_only):
+            # Outputs (logits) wanted: the Trainer's own loss. Loss-only evaluation comes through
+            # prediction_step below without asking for outputs.
+            if head is None or "labels" not in inputs or return_outputs:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             from lora_cli.loss import supervised_loss
 
@@ -243,7 +245,7 @@ def make_trainer_class():
             loss = supervised_loss(model, hf_model, head, inputs, n_items)
             if self.args.average_tokens_across_devices and n_items is not None:
                 loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does
-            return (loss, {"loss": loss}) if return_outputs else loss
+            return loss
 
         _head_checked = False
         _head = None

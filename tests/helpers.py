@@ -88,10 +88,9 @@ def train_tiny_run(tmp: Path, name: str, model_dir: Path, rows: list[dict], **se
 
 
 def without_cpu_bf16_repacking(model):
-    """A plain-transformers 4-bit model computing as in training. On AVX512-BF16 CPUs,
-    bitsandbytes otherwise switches a 4-bit layer to a bfloat16 kernel at its first forward in
-    eval mode (lora_cli.model.keep_4bit_weights_as_trained turns this off for our models)."""
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    """A plain-transformers 4-bit model computing as in training, as `lora` loads it (on
+    AVX512-BF16 CPUs bitsandbytes otherwise switches to a bfloat16 kernel in eval mode)."""
+    from lora_cli.model import keep_4bit_weights_as_trained
+
+    keep_4bit_weights_as_trained(model)
     return model
