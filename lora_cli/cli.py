@@ -101,7 +101,7 @@ def train(
         raise typer.Exit(relaunch(num_processes, sys.argv[1:]))
     from lora_cli.train import run_training
 
-    run_training(loaded, recipe_path=str(recipe_file), resume=resume, overwrite=overwrite)
+    run_training(loaded, recipe_path=str(recipe_file), overrides=overrides or [], resume=resume, overwrite=overwrite)
 
 
 @app.command()

@@ -495,6 +495,14 @@ def dump_recipe_marked(recipe: Recipe, origins: dict[str, str] | None = None) ->
     return out
 
 
+def marked_recipe_lines(recipe: Recipe, recipe_path: str | Path | None = None,
+                        overrides: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """What `lora validate` and `lora train` print: `dump_recipe_marked` with the origins read
+    from `recipe_path` and `overrides` (without a path: `# set` / `# default`)."""
+    origins = recipe_origins(recipe_path, overrides) if recipe_path else None
+    return dump_recipe_marked(recipe, origins)
+
+
 def _marked_line(key: str, value: Any, indent: str, origins: dict | None, default: Any, dotted: str) -> str:
     text = yaml.safe_dump({key: value}, default_flow_style=True, width=10_000, allow_unicode=True)
     text = text.strip()[1:-1]  # "{key: value}" -> "key: value"

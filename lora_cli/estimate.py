@@ -19,19 +19,31 @@ Memory to train, per method (B = train.batch_size, T = data.max_length, b = byte
                  plain MLP (GPT-2 style, GELU, dropout):   10h + 5i + 3·heads·T
                  (3·heads·T replaces heads + 3T when attention materializes its weights:
                  eager attention or attention dropout > 0)
-               + LoRA: r per adapted linear, + (1 + 1/a)·in_features per adapted linear when
-                 lora.dropout > 0 (peft keeps the dropped-out input and its mask)
+               + LoRA: r per adapted linear, + (1 + 1/a)·in_features per adapted linear where
+                 peft's own dropout runs (it keeps the dropped-out input and its mask): only
+                 with DoRA, as `lora train` folds plain LoRA's dropout (lora_cli/lean_dropout.py)
                gradient checkpointing: h per layer + one layer's activations (recomputed)
                logits: 4 copies of B·T·V in float32 (logits, log-softmax, and their gradients
                at the peak of the backward pass); LoRA on the architectures where `lora train`
-               computes the loss in chunks (lora_cli/loss.py): 2 copies of one chunk (its logits,
-               turned into the softmax in place, and a transient), an upper bound: only
-               supervised positions are projected, and the estimate does not read the data
-  loading      the checkpoint read through a memory map (P·b); QLoRA: + the quantized weights and
-               copies of the tensors left unquantized. total = max(sum of the four, loading): with
-               gradient checkpointing, loading can be a QLoRA run's peak
-Not counted: the Python process and libraries (~0.5-1 GB RSS on a CPU), the data, allocator
-slack. A test checks the LoRA total against the measured peak RSS of `lora train` on a small model.
+               computes the loss in chunks of C rows (lora_cli/loss.py): the float32 logits of
+               one chunk, min(B·T, C) rows (softmax and gradient are computed in their memory),
+               + a 16-bit copy of it when the head computes in 16 bits; an upper bound: only supervised positions are projected
+               (flan: at most 465 of 1024 per batch), and the estimate does not read the data
+               QLoRA: + the largest quantized weight in the compute dtype: bitsandbytes
+                 dequantizes each weight for its matmul, forward and backward (measured: 130 MiB
+                 of RSS for a 128 MiB fp32 weight, one weight at a time)
+               the loss, the recomputed layer and the dequantized weight are never alive at the
+                 same time, but the estimate adds them: the allocator does not hand all of it back
+                 (bench, long QLoRA profile, above the RSS once the data is prepared: live tensors
+                 peak at 0.38 GB, tcmalloc's RSS, what `lora train` runs with on CPU, at 0.46 GB;
+                 the largest term alone would give 0.39 GB, the sum 0.52 GB)
+  loading      the checkpoint read through a memory map (P·b); QLoRA reads it tensor by tensor
+               (lora_cli/model.py, read_checkpoint_without_mmap): the quantized weights, the
+               tensors left unquantized, and one full-precision weight being quantized.
+               total = max(sum of the four, loading)
+Not counted: the Python process and libraries (~0.5-1 GB RSS on a CPU), the tokenizer and the
+data (~75 MB for SmolLM2's above the imports), allocator slack. Tests check the LoRA and QLoRA
+totals against the measured peak RSS of `lora train` on small models.
 """
 
 from __future__ import annotations
@@ -51,6 +63,7 @@ SAFETENSORS_BYTES_PER_TENSOR = 130  # the JSON header entry for one tensor (name
 class ModelShape:
     total_params: int
     quantizable_params: int  # in linear layers other than the output head: what 4-bit quantizes
+    largest_quantizable: int  # the biggest of those weights (QLoRA dequantizes one at a time)
     trainable_params: int  # LoRA params for the recipe's r / target_modules
     lora_tensors: int
     lora_r_per_token: int  # r x adapted linears (all layers): LoRA's A outputs kept per token
@@ -146,11 +159,12 @@ def model_shape(config, recipe: Recipe) -> ModelShape:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
         total = sum(p.numel() for p in model.parameters())
-        quantizable = 0
+        quantizable = largest = 0
         gated = False
         for name, module in model.named_modules():
             if _is_linear(module) and not name.endswith("lm_head"):
                 quantizable += module.weight.numel()
+                largest = max(largest, module.weight.numel())
                 gated = gated or "gate" in name.rsplit(".", 1)[-1]
         try:
             peft_model = get_peft_model(model, lora_config(recipe.lora))
@@ -164,20 +178,24 @@ def model_shape(config, recipe: Recipe) -> ModelShape:
         if p.requires_grad:
             trainable += p.numel()
             tensors += 1
+    from lora_cli.lean_dropout import fold_lora_dropout
+
+    fold_lora_dropout(peft_model)  # as `lora train` does: a folded dropout keeps no input copy
     for module in peft_model.modules():
         lora_a = getattr(module, "lora_A", None)
         if lora_a is not None and "default" in lora_a:
             lora_r += recipe.lora.r
-            lora_in += lora_a["default"].in_features if recipe.lora.dropout > 0 else 0
+            dropout = module.lora_dropout["default"]
+            lora_in += lora_a["default"].in_features if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0 else 0
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = int(text.hidden_size)
     intermediate = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden
     attn = getattr(text, "_attn_implementation", None) or "sdpa"
     attn_dropout = max(float(getattr(text, "attention_dropout", 0) or 0), float(getattr(text, "attn_pdrop", 0) or 0))
     return ModelShape(
-        total_params=total, quantizable_params=quantizable, trainable_params=trainable, lora_tensors=tensors,
-        lora_r_per_token=lora_r, lora_dropout_inputs=lora_in, layers=int(text.num_hidden_layers), hidden=hidden,
-        intermediate=int(intermediate), heads=int(text.num_attention_heads), vocab=int(text.vocab_size),
+        total_params=total, quantizable_params=quantizable, largest_quantizable=largest, trainable_params=trainable,
+        lora_tensors=tensors, lora_r_per_token=lora_r, lora_dropout_inputs=lora_in, layers=int(text.num_hidden_layers),
+        hidden=hidden, intermediate=int(intermediate), heads=int(text.num_attention_heads), vocab=int(text.vocab_size),
         context=model_context(config), gated_mlp=gated, attention_quadratic=attn == "eager" or attn_dropout > 0,
         model_type=str(getattr(config, "model_type", "?")),
     )
@@ -202,18 +220,25 @@ def _dtype_bytes(name: str) -> int:
     return {"float32": 4, "bfloat16": 2, "float16": 2}[name]
 
 
-def activation_elements_per_token(shape: ModelShape, seq: int, *, lora: bool, checkpointing: bool,
-                                  nbytes: int = 4) -> float:
-    """Activation elements kept for the backward pass, per token, all layers (see module doc)."""
+def layer_elements_per_token(shape: ModelShape, seq: int, *, lora: bool, nbytes: int = 4) -> float:
+    """Activation elements one layer keeps for the backward pass, per token (see module doc)."""
     h, i, a = shape.hidden, shape.intermediate, shape.heads
     attention = 3 * a * seq if shape.attention_quadratic else a + 3 * seq
     per_layer = (7 * h + 4 * i if shape.gated_mlp else 10 * h + 5 * i) + attention
     # dropout keeps its output (nbytes) and a 1-byte mask per adapted input
     extra = (shape.lora_r_per_token + (1 + 1 / nbytes) * shape.lora_dropout_inputs) / shape.layers if lora else 0.0
-    per_layer += extra
-    if checkpointing:
-        return shape.layers * h + per_layer + 2 * h
-    return shape.layers * per_layer + 2 * h  # + embeddings and the final norm
+    return per_layer + extra
+
+
+def activation_bytes(shape: ModelShape, tokens: int, seq: int, *, lora: bool, checkpointing: bool, nbytes: int,
+                     loss: float, dequantized: float = 0.0) -> float:
+    """Activations at the peak of a step (see module doc): what the backward pass keeps, plus the
+    transients: the loss (`loss` bytes), a weight dequantized for its matmul (`dequantized`
+    bytes, QLoRA) and, with checkpointing, the recomputed layer."""
+    layer = tokens * layer_elements_per_token(shape, seq, lora=lora, nbytes=nbytes) * nbytes
+    ends = tokens * 2 * shape.hidden * nbytes  # embeddings and the final norm
+    kept = tokens * shape.layers * shape.hidden * nbytes + layer if checkpointing else shape.layers * layer
+    return kept + ends + loss + dequantized
 
 
 def estimate(recipe: Recipe, config=None) -> Estimate:
@@ -224,17 +249,22 @@ def estimate(recipe: Recipe, config=None) -> Estimate:
     compute = _dtype_bytes(m.compute_dtype) if m.compute_dtype != "auto" else b
     tokens = t.batch_size * recipe.data.max_length
     logits = 4 * tokens * shape.vocab * 4
-    lora_logits = logits
     chunk = _chunked_loss_rows(shape.model_type)
-    if chunk:  # lora_cli/loss.py: only a chunk of supervised positions is projected at a time
-        lora_logits = 2 * min(chunk, tokens) * shape.vocab * 4
+
+    def lora_logits(nbytes: int) -> float:
+        if not chunk:
+            return logits
+        # lora_cli/loss.py: one chunk of supervised positions is projected at a time, in float32
+        # (+ its 16-bit matmul output when the head computes in 16 bits)
+        rows = min(chunk, tokens)
+        return (rows * 4 + (rows * nbytes if nbytes < 4 else 0)) * shape.vocab
+
     P, Q, L = shape.total_params, shape.quantizable_params, shape.trainable_params
 
-    def acts(lora: bool, nbytes: int) -> float:
-        per_token = activation_elements_per_token(
-            shape, recipe.data.max_length, lora=lora, checkpointing=t.gradient_checkpointing, nbytes=nbytes
-        )
-        return tokens * per_token * nbytes + (lora_logits if lora else logits)
+    def acts(lora: bool, nbytes: int, dequantized: float = 0.0) -> float:
+        return activation_bytes(shape, tokens, recipe.data.max_length, lora=lora,
+                                checkpointing=t.gradient_checkpointing, nbytes=nbytes,
+                                loss=lora_logits(nbytes) if lora else logits, dequantized=dequantized)
 
     constants = 1 / 64 if m.double_quant else 4 / 64
     memory = {
@@ -242,13 +272,15 @@ def estimate(recipe: Recipe, config=None) -> Estimate:
         "lora": {"weights": P * b + L * 4, "gradients": L * 4, "optimizer": 2 * L * 4, "activations": acts(True, b)},
         "qlora": {
             "weights": Q * (0.5 + constants) + (P - Q) * 4 + L * 4,
-            "gradients": L * 4, "optimizer": 2 * L * 4, "activations": acts(True, compute),
+            "gradients": L * 4, "optimizer": 2 * L * 4,
+            "activations": acts(True, compute, dequantized=shape.largest_quantizable * compute),
         },
     }
     # Loading reads the checkpoint through a memory map (P·b, resident while it is read); a
-    # quantized load also copies the tensors it does not quantize before the map is released
-    # (lora_cli/model.py). For QLoRA with gradient checkpointing this, not training, is the peak.
-    load = {"full": P * b, "lora": P * b, "qlora": P * b + (P - Q) * 4 + Q * (0.5 + constants)}
+    # quantized load reads it tensor by tensor instead (lora_cli/model.py,
+    # read_checkpoint_without_mmap): the quantized model plus one full-precision weight.
+    load = {"full": P * b, "lora": P * b,
+            "qlora": (P - Q) * 4 + Q * (0.5 + constants) + shape.largest_quantizable * b}
     for method, parts in memory.items():
         parts["loading"] = load[method]
         parts["total"] = max(sum(parts[p] for p in PARTS), load[method])

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from lora_cli import __version__
-from lora_cli.config import Recipe, dump_recipe, recipe_to_dict
+from lora_cli.config import Recipe, dump_recipe, marked_recipe_lines, recipe_to_dict
 from lora_cli.data import REAL_TOKENS_KEY
 from lora_cli.errors import Interrupted, RunDirError, TrainingError
 from lora_cli.runs import RunPaths, atomic_directory, atomic_write_text, prepare_run_dir, read_run_json, update_run_json
@@ -277,8 +277,12 @@ class TrainResult:
     final: dict
 
 
-def run_training(recipe: Recipe, *, recipe_path: str | None, resume: bool, overwrite: bool) -> TrainResult:
+def run_training(recipe: Recipe, *, recipe_path: str | None, resume: bool, overwrite: bool,
+                 overrides: list[str] | tuple[str, ...] = ()) -> TrainResult:
     """Train and save the adapter. Raises LoraError subclasses on failure.
+
+    `recipe_path` and `overrides` (the command line's key=value) mark where each value of the
+    resolved recipe printed at the start came from, as `lora validate` does.
 
     Under `accelerate launch` every rank runs this; only the main one touches the run directory
     (lora_cli/distributed.py): it goes first, the others wait and share its result or its failure.
@@ -288,7 +292,9 @@ def run_training(recipe: Recipe, *, recipe_path: str | None, resume: bool, overw
 
     check_trackers(recipe)  # a missing tracker package fails now, not after loading the model
     distributed.init()
-    paths, checkpoint = distributed.main_first(lambda: _open_run(recipe, recipe_path, resume=resume, overwrite=overwrite))
+    paths, checkpoint = distributed.main_first(
+        lambda: _open_run(recipe, recipe_path, resume=resume, overwrite=overwrite, overrides=overrides)
+    )
     main = distributed.is_main()
     try:
         return _train(recipe, paths, checkpoint)
@@ -313,8 +319,10 @@ def run_training(recipe: Recipe, *, recipe_path: str | None, resume: bool, overw
         raise
 
 
-def _open_run(recipe: Recipe, recipe_path: str | None, *, resume: bool, overwrite: bool) -> tuple[RunPaths, Path | None]:
-    """Create or check the run directory and record the start (main process only)."""
+def _open_run(recipe: Recipe, recipe_path: str | None, *, resume: bool, overwrite: bool,
+              overrides: list[str] | tuple[str, ...] = ()) -> tuple[RunPaths, Path | None]:
+    """Create or check the run directory, record the start and print the resolved recipe (main
+    process only: the other ranks print nothing of it)."""
     import torch
 
     from lora_cli.distributed import check_engine_supports
@@ -333,6 +341,11 @@ def _open_run(recipe: Recipe, recipe_path: str | None, *, resume: bool, overwrit
     else:
         now = time.time()
         update_run_json(paths, name=paths.root.name, created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), created_at_unix=now)
+    # Valid recipe, run directory open: show what this run trains with, as `lora validate` does.
+    # Read before recipe.yaml is rewritten below (a resumed run directory's recipe is that file).
+    print(f"recipe (resolved; lora validate {recipe_path or 'RECIPE'} shows the data preview):")
+    for line in marked_recipe_lines(recipe, recipe_path, overrides):
+        print(line)
     atomic_write_text(paths.recipe, dump_recipe(recipe))
     from lora_cli.allocator import INSTALL_HINT, active_allocator
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 
-from lora_cli.config import Recipe, dump_recipe_marked, recipe_origins
+from lora_cli.config import Recipe, marked_recipe_lines
 from lora_cli.errors import DataError, RecipeError
 
 # report_to name -> the package the transformers callback needs
@@ -52,8 +52,7 @@ def run_validate(
 
     quiet_libraries()
     print("recipe: valid")
-    origins = recipe_origins(recipe_path, overrides) if recipe_path else None
-    for line in dump_recipe_marked(recipe, origins):
+    for line in marked_recipe_lines(recipe, recipe_path, overrides):
         print(line)
     check_trackers(recipe)
     source = resolve_model_source(recipe.model)

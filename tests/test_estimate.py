@@ -72,8 +72,11 @@ def test_builtin_gguf_model_needs_no_conversion(tmp_path, monkeypatch):
     assert not (tmp_path / "cache").exists()
 
 
-def build_memory_model(d: Path) -> None:
-    """A 12M-parameter Llama (big enough that tensors, not the interpreter, dominate) + text rows."""
+def build_memory_model(d: Path, *, vocab_size: int | None = None) -> None:
+    """A 12M-parameter Llama (big enough that tensors, not the interpreter, dominate) + text rows.
+
+    `vocab_size` beyond the tokenizer's (unused rows) makes the embeddings, the head and the loss
+    big: what a QLoRA run keeps in float32 and computes at full width."""
     import random
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -81,7 +84,7 @@ def build_memory_model(d: Path) -> None:
     from tests.tiny import train_tokenizer
 
     tok = train_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
+    cfg = LlamaConfig(vocab_size=vocab_size or len(tok), hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
                       num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
                       tie_word_embeddings=False)
     LlamaForCausalLM(cfg).save_pretrained(d)
@@ -90,9 +93,19 @@ def build_memory_model(d: Path) -> None:
     words = "the quick brown fox jumps over the lazy dog one two three four five".split()
     write_jsonl(d / "data.jsonl", [{"text": " ".join(rng.choice(words) for _ in range(300))} for _ in range(16)])
 
+
+def measured_peak(recipe_file: Path) -> float:
+    """Peak RSS of `lora train` on the recipe above the imports, in bytes (tests/memprobe.py)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "memprobe.py"), str(recipe_file)],
+                          capture_output=True, text=True, env=env, cwd=recipe_file.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_mb"] * 2**20
+
+
 # Measured error of the LoRA total against the peak RSS of the whole `lora train` run (this
 # machine, torch 2.13, fp32, glibc with MALLOC_MMAP_THRESHOLD_ so RSS follows live tensors):
-# -4% to -9% (the estimate is a little low). The goal in the issue is 25%.
+# -4% to -10% (the estimate is a little low). The goal in the issue is 25%.
 TOLERANCE = 0.25
 
 
@@ -103,7 +116,6 @@ def test_estimate_matches_measured_peak_memory(tmp_path):
     told to mmap every allocation over 64 KB, so freed tensors leave RSS and the peak is the
     peak of live memory, which is what the estimate models (glibc's default caching can add
     up to ~2x on top; tcmalloc less: see README)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "MALLOC_MMAP_THRESHOLD_": "65536"}
     build_memory_model(tmp_path)
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(
@@ -113,11 +125,44 @@ def test_estimate_matches_measured_peak_memory(tmp_path):
         "train: {max_steps: 2, batch_size: 4, log_every: 1, save_every: 1000}\n"
         f"output_dir: {tmp_path}/run\n"
     )
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "memprobe.py"), str(recipe_file)],
-                          capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-2000:]
-    measured = json.loads(done.stdout.strip().splitlines()[-1])["peak_mb"] * 2**20
+    measured = measured_peak(recipe_file)
     predicted = estimate(load_recipe(recipe_file)).memory["lora"]["total"]
+    error = predicted / measured - 1
+    print(f"estimate {predicted / 2**20:.1f} MB, measured {measured / 2**20:.1f} MB, error {error:+.1%}")
+    assert abs(error) < TOLERANCE, (predicted, measured)
+
+
+@pytest.fixture(scope="module")
+def qlora_memory_model(tmp_path_factory) -> Path:
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("bitsandbytes not installed")
+    d = tmp_path_factory.mktemp("qlora-memory-model")
+    build_memory_model(d, vocab_size=16384)  # fp32 embeddings + head: 64 MB; 4-bit linears: 6 MB
+    return d
+
+
+# Measured error of the QLoRA total (same machine and measurement as above, bitsandbytes 0.50,
+# 4-bit NF4 with double quantization, float32 compute): -2.5% with gradient checkpointing (the
+# QLoRA recipes' setting; peak in the loss, 196 MB measured), -8.7% without (329 MB).
+@pytest.mark.parametrize("checkpointing", [True, False], ids=["checkpointing", "no-checkpointing"])
+def test_qlora_estimate_matches_measured_peak_memory(qlora_memory_model, tmp_path, checkpointing):
+    """The same Llama with a 16k vocabulary in 4-bit, LoRA r8, batch 4 x 256: estimate vs peak RSS."""
+    model = qlora_memory_model
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(
+        f"model: {{name: {model}, dtype: float32, quantization: 4bit, compute_dtype: float32}}\n"
+        "lora: {r: 8, alpha: 16, dropout: 0.05}\n"
+        f"data: {{train: {model}/data.jsonl, max_length: 256}}\n"
+        "train: {max_steps: 2, batch_size: 4, log_every: 1, save_every: 1000, "
+        f"gradient_checkpointing: {str(checkpointing).lower()}}}\n"
+        f"output_dir: {tmp_path}/run\n"
+    )
+    measured = measured_peak(recipe_file)
+    est = estimate(load_recipe(recipe_file))
+    assert est.method == "qlora"
+    predicted = est.memory["qlora"]["total"]
     error = predicted / measured - 1
     print(f"estimate {predicted / 2**20:.1f} MB, measured {measured / 2**20:.1f} MB, error {error:+.1%}")
     assert abs(error) < TOLERANCE, (predicted, measured)

@@ -108,3 +108,45 @@ def test_datastats():
     # whatever the shuffle, the 2 shares a batch with a 10: 8 padded of 40
     assert datastats.batch_padding([10, 10, 10, 2], 2, seed=0) == pytest.approx(0.2)
     assert datastats.batch_padding([4, 4, 4, 4], 2, seed=0) == 0.0
+
+
+def test_train_prints_marked_recipe_before_loading_and_training(tiny_gpt2, tmp_path, monkeypatch, capsys):
+    """A real `lora train` (and its resume) prints the resolved recipe, each value marked as
+    `lora validate` marks it, once, after the run directory is open and before the model loads."""
+    import sys
+
+    data = write_jsonl(tmp_path / "train.jsonl", completion_rows(1))
+    run = tmp_path / "run"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"model: {{name: {tiny_gpt2}, dtype: float32}}\ndata: {{train: {data}, max_length: 32}}\n"
+        f"train: {{batch_size: 4, log_every: 1, save_every: 2}}\noutput_dir: {run}\n"
+    )
+    monkeypatch.setattr(sys, "stderr", sys.stdout)  # step lines go to stderr: one stream keeps the order
+
+    def marked(out: str) -> list[str]:
+        lines = out.splitlines()
+        head = [n for n, l in enumerate(lines) if l.startswith("recipe (resolved; lora validate ")]
+        assert len(head) == 1, out  # once
+        first_step = next((n for n, l in enumerate(lines) if l.startswith("step ")), len(lines))
+        model = next(n for n, l in enumerate(lines) if l.startswith("model: "))  # printed before the weights load
+        assert head[0] < model < first_step
+        return lines[head[0]:model]
+
+    code, out, _ = lora_in_process(monkeypatch, capsys, "train", recipe, "train.max_steps=2")
+    assert code == 0, out
+    block = marked(out)
+    assert any(l.startswith("  max_steps: 2") and l.endswith("# override") for l in block)
+    assert any(l.startswith("  max_length: 32") and l.endswith("# recipe") for l in block)
+    assert any(l.startswith("  r: 16") and l.endswith("# default") for l in block)
+    assert "adapter saved to" in out
+
+    assert any(l.startswith("step ") for l in out.splitlines())
+
+    # Resuming the run directory (already at its last step: nothing more to train): its saved
+    # recipe.yaml sets every value; the override (a cadence, which resume allows) is marked.
+    code, out, _ = lora_in_process(monkeypatch, capsys, "train", run, "--resume", "train.log_every=2")
+    assert code == 0, out
+    block = marked(out)
+    assert any(l.startswith("  log_every: 2") and l.endswith("# override") for l in block)
+    assert any(l.startswith("  r: 16") and l.endswith("# recipe") for l in block)

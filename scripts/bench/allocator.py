@@ -47,7 +47,7 @@ def worker(steps: int) -> None:
         times.append(time.perf_counter() - start)
     steady = times[2:] or times
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"tokens_per_s": ids.numel() * len(steady) / sum(steady), "peak_rss_gb": rss_kb / 1e6}))
+    print(json.dumps({"tokens_per_s": ids.numel() * len(steady) / sum(steady), "peak_rss_gb": rss_kb * 1024 / 1e9}))
 
 
 def main() -> None:

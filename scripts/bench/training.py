@@ -274,7 +274,7 @@ def run_child(argv: list[str], env: dict, log_path: Path | None = None) -> tuple
     if code != 0:
         tail = Path(log_path).read_text()[-3000:] if log_path else ""
         raise SystemExit(f"benchmark child failed ({code}): {' '.join(argv)}\n{tail}\n{out[-2000:]}")
-    return _last_json(out), usage.ru_maxrss / 1e6, launched
+    return _last_json(out), usage.ru_maxrss * 1024 / 1e9, launched  # ru_maxrss is in KiB
 
 
 def _last_json(text: str) -> dict:
@@ -447,7 +447,11 @@ def main() -> None:
         return
     candidates = args.candidates.split(",")
     peak = run_child(self_worker("matmul"), env)[0]["matmul_flops"]
-    imports_gb = run_child(self_worker("imports"), env)[1]
+    # under the allocator `lora train` runs with (lora_cli/allocator.py): tcmalloc's own RSS counts
+    from lora_cli.allocator import find_tcmalloc
+
+    tcmalloc = find_tcmalloc()
+    imports_gb = run_child(self_worker("imports"), {**env, "LD_PRELOAD": tcmalloc} if tcmalloc else env)[1]
     machine = {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": THREADS, "platform": platform.platform(),
                "matmul_peak_gflops": round(peak / 1e9, 1), "imports_rss_gb": round(imports_gb, 3)}
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, {THREADS} threads; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
