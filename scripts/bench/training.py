@@ -14,6 +14,9 @@ same examples, same effective batch in examples, one epoch over the examples:
                  supervised-only loss, tcmalloc when installed)
     ours-qlora   the same with the base in 4-bit NF4 (double quantization, float32 compute) and
                  gradient checkpointing, as QLoRA recipes run (configs/smollm2-chat-qlora.yaml)
+    ours-bf16    (only with --candidates) ours with the base in bfloat16 (model.dtype), the
+                 candidate for a CPU default where the CPU computes bf16 natively; its held-out
+                 loss is taken on the float32 base like the others
 
 Profiles (scripts/bench/synthetic.py, seeded; nothing committed but the generator):
 
@@ -177,9 +180,9 @@ def ours_command(spec: dict) -> list[str]:
     return [lora, "train", spec["recipe"], "--overwrite"]
 
 
-def ours_recipe(spec: dict, quantization: str) -> dict:
+def ours_recipe(spec: dict, quantization: str, dtype: str = "float32") -> dict:
     return {
-        "model": {"name": spec["model"], "dtype": "float32", "quantization": quantization},
+        "model": {"name": spec["model"], "dtype": dtype, "quantization": quantization},
         "lora": {**LORA, "target_modules": "all-linear"},
         "data": {"train": spec["train"], "format": "completion", "max_length": spec["max_length"], "packing": True},
         "train": {"epochs": 1, "max_steps": spec["steps"], "batch_size": spec["batch"], "lr": LR,
@@ -343,7 +346,8 @@ def run_candidate(name: str, profile: str, model: Path, files: dict, env: dict, 
         spec.update(batch=files["ours_batch"], steps=files["ours_steps"])
         recipe = out / "recipe.yaml"
         spec["out"] = str(out / "run")
-        recipe.write_text(yaml.safe_dump(ours_recipe(spec, "4bit" if name == "ours-qlora" else "none"), sort_keys=False))
+        dtype = "bfloat16" if name == "ours-bf16" else "float32"
+        recipe.write_text(yaml.safe_dump(ours_recipe(spec, "4bit" if name == "ours-qlora" else "none", dtype), sort_keys=False))
         spec["recipe"] = str(recipe)
         _, rss, launched = run_child(ours_command(spec), env, out / "stderr.log")
         lines = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
