@@ -6,6 +6,8 @@ to count the adapter exactly.
 
 Memory to train, per method (B = train.batch_size, T = data.max_length, b = bytes per weight):
 
+  tokenizer    ~13x its tokenizer.json where that file is on disk (measured), else 0
+
   weights      full/LoRA: P·b (+ LoRA params in float32: peft keeps adapters in fp32)
                QLoRA: quantized linears at 0.5 byte + quantization constants (1/64 byte with
                double quantization, else 4/64), the rest (embeddings, norms, head) in float32
@@ -39,10 +41,11 @@ Memory to train, per method (B = train.batch_size, T = data.max_length, b = byte
                  the largest term alone would give 0.39 GB, the sum 0.52 GB)
   loading      the checkpoint read through a memory map (P·b); QLoRA reads it tensor by tensor
                (lora_cli/model.py, read_checkpoint_without_mmap): the quantized weights, the
-               tensors left unquantized, and one full-precision weight being quantized.
-               total = max(sum of the four, loading)
-Not counted: the Python process and libraries (~0.5-1 GB RSS on a CPU), the tokenizer and the
-data (~75 MB for SmolLM2's above the imports), allocator slack. Tests check the LoRA and QLoRA
+               tensors left unquantized, and one full-precision weight being quantized;
+               + the tokenizer, loaded before. total = max(sum of the five, loading)
+Not counted: the Python process and libraries (~0.5-1 GB RSS on a CPU), the data and the
+modules imported once training starts (together ~30 MB on the tests' small model), allocator
+slack. Tests check the LoRA and QLoRA
 totals against the measured peak RSS of `lora train` on small models.
 """
 
@@ -55,7 +58,10 @@ from lora_cli.config import ModelConfig, Recipe
 from lora_cli.errors import ModelError
 
 METHODS = ("full", "lora", "qlora")
-PARTS = ("weights", "gradients", "optimizer", "activations")
+PARTS = ("tokenizer", "weights", "gradients", "optimizer", "activations")
+# A fast tokenizer in memory is ~13x its tokenizer.json (measured: SmolLM2's 3.4 MB file, 44 MB
+# of RSS once loaded; the tests' 8 KB one, 1.7 MB).
+TOKENIZER_MEMORY_PER_FILE_BYTE = 13
 SAFETENSORS_BYTES_PER_TENSOR = 130  # the JSON header entry for one tensor (name, dtype, shape)
 
 
@@ -130,6 +136,19 @@ def load_model_config(cfg: ModelConfig):
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelError(f"could not read the config of model {cfg.name}: {first}",
                          "Check model.name; offline, name a local model directory or a .gguf file.") from None
+
+
+def tokenizer_file_bytes(cfg: ModelConfig) -> int:
+    """Size of the model's tokenizer.json where it is on disk already (a local directory, the
+    converted built-in model); 0 where it is not (a hub model not yet downloaded)."""
+    from lora_cli.model import converted_gguf_dir, gguf_file
+
+    try:
+        gguf = gguf_file(cfg)
+        directory = converted_gguf_dir(gguf) if gguf is not None else Path(cfg.name).expanduser()
+        return (directory / "tokenizer.json").stat().st_size
+    except (OSError, ModelError):
+        return 0
 
 
 def model_context(config) -> int | None:
@@ -281,9 +300,11 @@ def estimate(recipe: Recipe, config=None) -> Estimate:
     # read_checkpoint_without_mmap): the quantized model plus one full-precision weight.
     load = {"full": P * b, "lora": P * b,
             "qlora": (P - Q) * 4 + Q * (0.5 + constants) + shape.largest_quantizable * b}
+    tokenizer = tokenizer_file_bytes(m) * TOKENIZER_MEMORY_PER_FILE_BYTE  # loaded first, held throughout
     for method, parts in memory.items():
-        parts["loading"] = load[method]
-        parts["total"] = max(sum(parts[p] for p in PARTS), load[method])
+        parts["tokenizer"] = tokenizer
+        parts["loading"] = load[method] + tokenizer
+        parts["total"] = max(sum(parts[p] for p in PARTS), parts["loading"])
     adapter = L * 4 + 8 + SAFETENSORS_BYTES_PER_TENSOR * shape.lora_tensors
     method = {"none": "lora", "4bit": "qlora", "8bit": "lora (8-bit base)"}[m.quantization]
     return Estimate(

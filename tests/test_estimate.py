@@ -170,3 +170,24 @@ def test_qlora_estimate_matches_measured_peak_memory(qlora_memory_model, tmp_pat
     error = predicted / measured - 1
     print(f"estimate {predicted / 2**20:.1f} MB, measured {measured / 2**20:.1f} MB, error {error:+.1%}")
     assert abs(error) < TOLERANCE, (predicted, measured)
+
+
+def test_tokenizer_row_follows_the_tokenizer_file(tiny_llama, tmp_path):
+    """The tokenizer is counted from its tokenizer.json when it is on disk, and is 0 when not."""
+    import shutil
+
+    from lora_cli.config import recipe_from_dict
+    from lora_cli.estimate import TOKENIZER_MEMORY_PER_FILE_BYTE
+
+    with_file = estimate(recipe_from_dict({"model": {"name": str(tiny_llama)}}))
+    expected = (Path(tiny_llama) / "tokenizer.json").stat().st_size * TOKENIZER_MEMORY_PER_FILE_BYTE
+    assert expected > 0
+    for parts in with_file.memory.values():
+        assert parts["tokenizer"] == expected
+        assert parts["total"] >= parts["loading"] >= expected
+    bare = tmp_path / "config-only"
+    bare.mkdir()
+    shutil.copy(Path(tiny_llama) / "config.json", bare / "config.json")
+    without = estimate(recipe_from_dict({"model": {"name": str(bare)}}))
+    assert without.memory["lora"]["tokenizer"] == 0
+    assert with_file.memory["lora"]["total"] - without.memory["lora"]["total"] == expected
