@@ -61,7 +61,8 @@ clean:
 	rm -rf build runs .pytest_cache
 
 # Benchmarks (~1 h on 2 cores): training vs the tutorial recipe, generation/merge/--help, the
-# allocator, and float32 vs bfloat16 / torch.compile. Results: build/bench/*.json. Run on an otherwise idle machine.
+# allocator, and float32 vs bfloat16 / torch.compile. Results: build/bench/*.json. Run on an
+# otherwise idle machine.
 bench: setup
 	$(PY) scripts/bench/training.py
 	$(PY) scripts/bench/inference.py

@@ -7,7 +7,6 @@ to count the adapter exactly.
 Memory to train, per method (B = train.batch_size, T = data.max_length, b = bytes per weight):
 
   tokenizer    ~13x its tokenizer.json where that file is on disk (measured), else 0
-
   weights      full/LoRA: P·b (+ LoRA params in float32: peft keeps adapters in fp32)
                QLoRA: quantized linears at 0.5 byte + quantization constants (1/64 byte with
                double quantization, else 4/64), the rest (embeddings, norms, head) in float32
@@ -29,8 +28,9 @@ Memory to train, per method (B = train.batch_size, T = data.max_length, b = byte
                at the peak of the backward pass); LoRA on the architectures where `lora train`
                computes the loss in chunks of C rows (lora_cli/loss.py): the float32 logits of
                one chunk, min(B·T, C) rows (softmax and gradient are computed in their memory),
-               + a 16-bit copy of it when the head computes in 16 bits; an upper bound: only supervised positions are projected
-               (flan: at most 465 of 1024 per batch), and the estimate does not read the data
+               + a 16-bit copy of it when the head computes in 16 bits; an upper bound: only
+               supervised positions are projected (flan: at most 465 of 1024 per batch), and
+               the estimate does not read the data
                QLoRA: + the largest quantized weight in the compute dtype: bitsandbytes
                  dequantizes each weight for its matmul, forward and backward (measured: 130 MiB
                  of RSS for a 128 MiB fp32 weight, one weight at a time)
@@ -45,8 +45,8 @@ Memory to train, per method (B = train.batch_size, T = data.max_length, b = byte
                + the tokenizer, loaded before. total = max(sum of the five, loading)
 Not counted: the Python process and libraries (~0.5-1 GB RSS on a CPU), the data and the
 modules imported once training starts (together ~30 MB on the tests' small model), allocator
-slack. Tests check the LoRA and QLoRA
-totals against the measured peak RSS of `lora train` on small models.
+slack. Tests check the LoRA and QLoRA totals against the measured peak RSS of `lora train` on
+small models.
 """
 
 from __future__ import annotations
@@ -110,19 +110,15 @@ def load_model_config(cfg: ModelConfig):
     """The model's config (config.json, or a GGUF file's metadata): never the weights."""
     from transformers import AutoConfig
 
-    from lora_cli.model import converted_gguf_dir, gguf_file, resolve_model_source
+    from lora_cli.model import gguf_file, resolve_model_source
 
     try:
+        directory = model_dir_on_disk(cfg)
+        if directory is not None:  # the config is enough: the weights need not be there
+            return AutoConfig.from_pretrained(str(directory), trust_remote_code=cfg.trust_remote_code)
         gguf = gguf_file(cfg)
-        if gguf is not None:
-            converted = converted_gguf_dir(gguf)
-            if (converted / "config.json").is_file():  # converted before: its config, read in no time
-                return AutoConfig.from_pretrained(str(converted))
-            # The metadata is enough: no dequantization, no conversion (but a few seconds of parsing).
+        if gguf is not None:  # not converted yet: its metadata, no dequantization (a few seconds)
             return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        local = Path(cfg.name).expanduser()
-        if (local / "config.json").is_file():  # the config is enough: the weights need not be there
-            return AutoConfig.from_pretrained(str(local), trust_remote_code=cfg.trust_remote_code)
         source = resolve_model_source(cfg)
         kwargs = {"trust_remote_code": cfg.trust_remote_code}
         if source.revision:
@@ -138,15 +134,22 @@ def load_model_config(cfg: ModelConfig):
                          "Check model.name; offline, name a local model directory or a .gguf file.") from None
 
 
-def tokenizer_file_bytes(cfg: ModelConfig) -> int:
-    """Size of the model's tokenizer.json where it is on disk already (a local directory, the
-    converted built-in model); 0 where it is not (a hub model not yet downloaded)."""
+def model_dir_on_disk(cfg: ModelConfig) -> Path | None:
+    """The directory holding the model's config.json, where there is one already: a local model
+    directory, or the converted copy of a GGUF model; None otherwise (a hub id, a GGUF file not
+    converted yet)."""
     from lora_cli.model import converted_gguf_dir, gguf_file
 
+    gguf = gguf_file(cfg)
+    directory = converted_gguf_dir(gguf) if gguf is not None else Path(cfg.name).expanduser()
+    return directory if (directory / "config.json").is_file() else None
+
+
+def tokenizer_file_bytes(cfg: ModelConfig) -> int:
+    """Size of the model's tokenizer.json where it is on disk already; 0 where it is not."""
     try:
-        gguf = gguf_file(cfg)
-        directory = converted_gguf_dir(gguf) if gguf is not None else Path(cfg.name).expanduser()
-        return (directory / "tokenizer.json").stat().st_size
+        directory = model_dir_on_disk(cfg)
+        return (directory / "tokenizer.json").stat().st_size if directory is not None else 0
     except (OSError, ModelError):
         return 0
 

@@ -12,7 +12,6 @@ Sources, in the order they are tried:
 from __future__ import annotations
 
 import contextlib
-
 import hashlib
 import importlib.util
 import os

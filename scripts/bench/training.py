@@ -57,6 +57,8 @@ SEED = 0
 LR = 1e-3
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 CANDIDATES = ("B0", "B1", "ours", "ours-qlora")
+# `lora train` candidates: (model.quantization, model.dtype) of their recipe
+OURS = {"ours": ("none", "float32"), "ours-qlora": ("4bit", "float32"), "ours-bf16": ("none", "bfloat16")}
 # examples per optimizer step, optimizer steps, max_length, layers kept (None: all), held-out rows
 PROFILES = {
     "flan": {"batch": 8, "steps": 12, "max_length": 512, "layers": 6, "heldout": 32},
@@ -346,8 +348,7 @@ def run_candidate(name: str, profile: str, model: Path, files: dict, env: dict, 
         spec.update(batch=files["ours_batch"], steps=files["ours_steps"])
         recipe = out / "recipe.yaml"
         spec["out"] = str(out / "run")
-        dtype = "bfloat16" if name == "ours-bf16" else "float32"
-        recipe.write_text(yaml.safe_dump(ours_recipe(spec, "4bit" if name == "ours-qlora" else "none", dtype), sort_keys=False))
+        recipe.write_text(yaml.safe_dump(ours_recipe(spec, *OURS[name]), sort_keys=False))
         spec["recipe"] = str(recipe)
         _, rss, launched = run_child(ours_command(spec), env, out / "stderr.log")
         lines = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -479,7 +480,7 @@ def main() -> None:
             summary[name]["achieved_flops"] = summary[name]["tokens_per_s"] * flops["flops_per_token"]
             heldout_spec = {"model": str(model), "adapter": runs[name][0]["adapter"], "heldout": str(files["heldout"]),
                             "max_length": PROFILES[profile]["max_length"],
-                            "quantization": "4bit" if name == "ours-qlora" else "none"}
+                            "quantization": OURS[name][0] if name in OURS else "none"}
             summary[name]["heldout_loss"] = run_child(self_worker("heldout", heldout_spec), env)[0]["heldout_loss"]
         report["profiles"][profile] = {"setup": {k: v for k, v in files.items() if not isinstance(v, Path)},
                                        "flops": flops, "summary": summary, "runs": runs}
