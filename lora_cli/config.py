@@ -44,7 +44,9 @@ class ModelConfig:
     )
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) of a hub model.")
     dtype: Dtype = opt(
-        "auto", "Dtype of the base weights. auto: float32 on CPU, bfloat16 on GPUs that support it."
+        "auto",
+        "Dtype of the base weights. auto: bfloat16 on GPUs that support it and on CPUs with "
+        "AVX512-BF16 or AMX, else float32 (a run keeps the dtype it started with).",
     )
     quantization: Literal["none", "8bit", "4bit"] = opt(
         "none", "Quantize the frozen base with bitsandbytes: 4bit is QLoRA."
@@ -52,7 +54,7 @@ class ModelConfig:
     quant_type: Literal["nf4", "fp4"] = opt("nf4", "4-bit data type (4bit only).")
     double_quant: bool = opt(True, "Also quantize the quantization constants (4bit only).")
     compute_dtype: Dtype = opt(
-        "auto", "Dtype the 4-bit layers compute in. auto: same as dtype (float32 on CPU)."
+        "auto", "Dtype the 4-bit layers compute in. auto: same as dtype."
     )
     attn_implementation: Literal["auto", "sdpa", "eager"] = opt(
         "auto", "Attention kernel. auto: sdpa where the model supports it."

@@ -175,9 +175,8 @@ def run_eval(
     batch_size: int = 8,
 ) -> dict:
     """Evaluate base vs adapter; write RUN/eval.json; print a table (or JSON). Returns the result."""
-    from lora_cli.config import load_recipe
     from lora_cli.errors import LoraError
-    from lora_cli.runs import atomic_write_json, resolve_run
+    from lora_cli.runs import atomic_write_json, load_run_recipe, resolve_run
 
     if batch_size < 1:
         raise LoraError(f"--batch-size must be at least 1, got {batch_size}", "Use --batch-size 8, or 1 to save memory.")
@@ -186,7 +185,7 @@ def run_eval(
     if max_new_tokens is not None and not exact_match:
         info("note: --max-new-tokens only applies with --exact-match")
     paths = resolve_run(run)
-    recipe = load_recipe(paths.recipe)
+    recipe = load_run_recipe(paths)
     if data is not None and not Path(data).exists() and Path(data).suffix:
         raise DataError(f"--data: file not found: {data}", "Check the path (relative paths are relative to the current directory).")
 

@@ -127,12 +127,11 @@ def load_generator(run: str | Path | None, model: str | None) -> Generator:
 
     if model is not None:
         return _load_plain(model)
-    from lora_cli.config import load_recipe
     from lora_cli.merge import adapter_tokenizer
-    from lora_cli.runs import resolve_run
+    from lora_cli.runs import load_run_recipe, resolve_run
 
     paths = resolve_run(run)
-    recipe = load_recipe(paths.recipe)
+    recipe = load_run_recipe(paths)
     source = resolve_model_source(recipe.model)
     tokenizer = adapter_tokenizer(paths, recipe, source)
     base = load_base_model(recipe.model, source)

@@ -94,12 +94,11 @@ def check_output(output: Path, run_root: Path, *, overwrite: bool) -> None:
         )
 
 
-def resolve_merge_dtype(dtype: str | None, recipe_dtype: str) -> str:
+def resolve_merge_dtype(dtype: str | None, trained_dtype: str) -> str:
+    """--dtype, else the dtype the run trained its base in (pinned by load_run_recipe)."""
     if dtype is not None and dtype not in DTYPES:
         raise LoraError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}", "Use --dtype float32, bfloat16 or float16.")
-    from lora_cli.model import resolve_dtype
-
-    return dtype or str(resolve_dtype(recipe_dtype)).removeprefix("torch.")
+    return dtype or trained_dtype
 
 
 # --------------------------------------------------------------------------- probes and comparisons
@@ -216,11 +215,10 @@ def run_merge(
     overwrite: bool = False,
 ) -> MergeResult:
     """Merge the run's adapter into its base, verify, and save under `output` (default RUN/merged)."""
-    from lora_cli.config import load_recipe
-    from lora_cli.runs import resolve_run
+    from lora_cli.runs import load_run_recipe, resolve_run
 
     paths = resolve_run(run)
-    recipe = load_recipe(paths.recipe)
+    recipe = load_run_recipe(paths)
     quantization = recipe.model.quantization
     if onto is not None and onto not in ONTO:
         raise LoraError(f"--onto {onto} is not one of {', '.join(ONTO)}", "Use --onto quantized or --onto original.")
@@ -239,7 +237,7 @@ def run_merge(
     quiet_libraries()
     import torch
 
-    from lora_cli.model import load_adapter, load_base_model, resolve_dtype, resolve_model_source
+    from lora_cli.model import load_adapter, load_base_model, resolve_model_source
 
     source = resolve_model_source(recipe.model)
     info(f"run: {paths.root}  base: {source.description}" + (f" ({quantization})" if onto else ""))
@@ -247,10 +245,9 @@ def run_merge(
 
     # Precision of the forward the adapter was trained with: the 4-bit layers compute in
     # compute_dtype; LLM.int8 layers also quantize their inputs, so that forward is approximate.
-    trained_dtypes = {str(resolve_dtype(recipe.model.dtype)).removeprefix("torch.")}
+    trained_dtypes = {recipe.model.dtype}  # pinned: the dtypes the run recorded (load_run_recipe)
     if quantization == "4bit":
-        compute = recipe.model.compute_dtype if recipe.model.compute_dtype != "auto" else recipe.model.dtype
-        trained_dtypes.add(str(resolve_dtype(compute)).removeprefix("torch."))
+        trained_dtypes.add(recipe.model.compute_dtype)
     elif quantization == "8bit":
         trained_dtypes.add("int8")
 

@@ -172,14 +172,47 @@ def convert_gguf(gguf: Path) -> Path:
 
 
 def resolve_dtype(name: str):
-    """`auto` is float32 on CPU (the fast path there) and bfloat16 on GPUs that support it."""
+    """`auto`: bfloat16 on GPUs that support it (else float16); on a CPU, bfloat16 where the CPU
+    multiplies bfloat16 matrices natively (AVX512-BF16 or AMX), float32 elsewhere.
+
+    Measured on an AVX512-BF16 CPU (README "Speed and memory"): bfloat16 base weights train 1.4 to
+    1.65x faster than float32 at the same held-out loss (within 0.2%) and generate 2x faster.
+    Without those instructions bfloat16 is emulated and slower than float32.
+    """
     import torch
 
     if name != "auto":
         return getattr(torch, name)
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    return torch.bfloat16 if cpu_has_native_bfloat16() else torch.float32
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """AVX512-BF16 or AMX, as torch's own CPU probes (the ones oneDNN dispatches on) report it."""
+    import torch
+
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def pin_dtypes(cfg: ModelConfig, recorded: dict | None = None) -> ModelConfig:
+    """`cfg` with `auto` dtypes replaced by concrete ones: those a run recorded when it started
+    (`recorded`, run.json's "model"), else this machine's.
+
+    A run keeps the dtypes it was trained in: resumed, evaluated, merged or sampled on another
+    machine (a CPU without bfloat16, a GPU), its adapter still meets the base it was trained on.
+    """
+    import dataclasses
+
+    recorded = recorded or {}
+    dtype = cfg.dtype if cfg.dtype != "auto" else recorded.get("dtype") or dtype_name(resolve_dtype("auto"))
+    compute = cfg.compute_dtype if cfg.compute_dtype != "auto" else dtype  # auto: the same as dtype
+    return dataclasses.replace(cfg, dtype=dtype, compute_dtype=compute)
 
 
 def _refuse_remote_code(path: Path) -> None:

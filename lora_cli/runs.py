@@ -138,6 +138,18 @@ def read_run_json(paths: RunPaths) -> dict:
         raise RunDirError(f"{paths.run_json} is not valid JSON", "Restore it or start a new run.") from None
 
 
+def load_run_recipe(paths: RunPaths):
+    """The recipe a run was trained with, its `auto` dtypes pinned to the ones the run recorded
+    when it started (lora_cli.model.pin_dtypes): the base loads as the adapter was trained on it."""
+    import dataclasses
+
+    from lora_cli.config import load_recipe
+    from lora_cli.model import pin_dtypes
+
+    recipe = load_recipe(paths.recipe)
+    return dataclasses.replace(recipe, model=pin_dtypes(recipe.model, read_run_json(paths).get("model")))
+
+
 def update_run_json(paths: RunPaths, **fields: Any) -> dict:
     """Merge `fields` into run.json (atomically) and return the result."""
     data = read_run_json(paths)

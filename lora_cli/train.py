@@ -6,6 +6,7 @@ arguments, wires in our callbacks, and keeps the run directory's promises (DESIG
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -366,15 +367,18 @@ def _train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> TrainRes
     from lora_cli.callbacks import MetricsFileCallback, ProgressCallback, StopOnSignalCallback, TokenCounter
     from lora_cli.data import Collator, prepare_data
     from lora_cli import distributed
-    from lora_cli.model import attach_lora, load_base_model, load_tokenizer, resolve_model_source
+    from lora_cli.model import attach_lora, load_base_model, load_tokenizer, pin_dtypes, resolve_model_source
 
     main = distributed.is_main()
     say = print if main else (lambda *args, **kwargs: None)  # one copy of each message, not N
     started = time.perf_counter()
+    # `auto` dtypes become concrete now and are recorded: a resumed run keeps the ones it started
+    # with, and eval / merge / generate load the base as it was trained (model.pin_dtypes).
+    recipe = dataclasses.replace(recipe, model=pin_dtypes(recipe.model, read_run_json(paths).get("model")))
     set_seed(recipe.train.seed)  # the same on every rank: same LoRA init, same data order
     # The main process converts a GGUF file into the shared cache once; the others reuse it.
     source = distributed.main_first(lambda: resolve_model_source(recipe.model))
-    say(f"model: {source.description}")
+    say(f"model: {source.description}, {_dtype_text(recipe.model)}")
     tokenizer = load_tokenizer(recipe.model, source)
     data = prepare_data(recipe.data, tokenizer, seed=recipe.train.seed, batch_size=recipe.train.batch_size)
     for line in data.report.lines():
@@ -385,7 +389,8 @@ def _train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> TrainRes
     if main:
         update_run_json(
             paths,
-            model={"name": recipe.model.name, "source": source.description, "quantization": recipe.model.quantization},
+            model={"name": recipe.model.name, "source": source.description, "quantization": recipe.model.quantization,
+                   "dtype": recipe.model.dtype, "compute_dtype": recipe.model.compute_dtype},
             data={"fingerprint": data_fingerprint(recipe.data.train), "report": _jsonable(data.report)},
         )
 
@@ -490,6 +495,13 @@ def _train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> TrainRes
         print(write_loss_plot(paths.metrics, paths.root / "loss.png", title=paths.root.name))
     distributed.barrier()  # the other ranks finish when the run is complete, not before
     return TrainResult(paths, model, final)
+
+
+def _dtype_text(model) -> str:
+    # (peft's prepare_model_for_kbit_training keeps a quantized model's other weights in float32)
+    if model.quantization == "4bit":
+        return f"4-bit {model.quant_type} computing in {model.compute_dtype}"
+    return "8-bit" if model.quantization == "8bit" else f"weights in {model.dtype}"
 
 
 def _memory_line(recipe: Recipe) -> str:

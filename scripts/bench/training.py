@@ -11,12 +11,13 @@ same examples, same effective batch in examples, one epoch over the examples:
                  DataCollatorForSeq2Seq padding each batch to its longest example
     B1           B0 + group_by_length (train_sampling_strategy in transformers 5: less padding)
     ours         `lora train` with the equivalent recipe and our defaults (packing, chunked
-                 supervised-only loss, tcmalloc when installed)
-    ours-qlora   the same with the base in 4-bit NF4 (double quantization, float32 compute) and
+                 supervised-only loss, tcmalloc when installed, model.dtype auto: bfloat16 on
+                 a CPU with AVX512-BF16 or AMX, float32 elsewhere)
+    ours-fp32    ours with model.dtype float32: what `auto` gives on CPUs without bf16 units
+    ours-qlora   ours with the base in 4-bit NF4 (double quantization, compute dtype auto) and
                  gradient checkpointing, as QLoRA recipes run (configs/smollm2-chat-qlora.yaml)
-    ours-bf16    (only with --candidates) ours with the base in bfloat16 (model.dtype), the
-                 candidate for a CPU default where the CPU computes bf16 natively; its held-out
-                 loss is taken on the float32 base like the others
+    ours-qlora-fp32  (only with --candidates) ours-qlora computing in float32
+Every adapter's held-out loss is taken the same way, on the float32 base.
 
 Profiles (scripts/bench/synthetic.py, seeded; nothing committed but the generator):
 
@@ -56,9 +57,10 @@ THREADS = 2
 SEED = 0
 LR = 1e-3
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
-CANDIDATES = ("B0", "B1", "ours", "ours-qlora")
+CANDIDATES = ("B0", "B1", "ours", "ours-fp32", "ours-qlora")
 # `lora train` candidates: (model.quantization, model.dtype) of their recipe
-OURS = {"ours": ("none", "float32"), "ours-qlora": ("4bit", "float32"), "ours-bf16": ("none", "bfloat16")}
+OURS = {"ours": ("none", "auto"), "ours-fp32": ("none", "float32"),
+        "ours-qlora": ("4bit", "auto"), "ours-qlora-fp32": ("4bit", "float32")}
 # examples per optimizer step, optimizer steps, max_length, layers kept (None: all), held-out rows
 PROFILES = {
     "flan": {"batch": 8, "steps": 12, "max_length": 512, "layers": 6, "heldout": 32},
@@ -182,7 +184,7 @@ def ours_command(spec: dict) -> list[str]:
     return [lora, "train", spec["recipe"], "--overwrite"]
 
 
-def ours_recipe(spec: dict, quantization: str, dtype: str = "float32") -> dict:
+def ours_recipe(spec: dict, quantization: str, dtype: str) -> dict:
     return {
         "model": {"name": spec["model"], "dtype": dtype, "quantization": quantization},
         "lora": {**LORA, "target_modules": "all-linear"},
@@ -400,10 +402,10 @@ def summarize(runs: list[dict]) -> dict:
 def print_table(profile: str, summary: dict, peak: float) -> None:
     b0 = summary["B0"]
     print(f"\n== {profile} ==  (ratios against B0; medians of the repeats; peak RSS: max)")
-    header = f"{'candidate':11} {'sup tok/s':>9} {'x B0':>5} {'tok/s':>7} {'x B0':>5} {'pad':>5} {'s/step':>6} {'RSS GB':>6} {'x B0':>5} {'1st step s':>10} {'adapter MB':>10} {'train loss':>10} {'held-out':>8} {'MFU':>5}"
+    header = f"{'candidate':15} {'sup tok/s':>9} {'x B0':>5} {'tok/s':>7} {'x B0':>5} {'pad':>5} {'s/step':>6} {'RSS GB':>6} {'x B0':>5} {'1st step s':>10} {'adapter MB':>10} {'train loss':>10} {'held-out':>8} {'MFU':>5}"
     print(header)
     for name, s in summary.items():
-        print(f"{name:11} {s['supervised_tokens_per_s']:9.1f} {s['supervised_tokens_per_s'] / b0['supervised_tokens_per_s']:5.2f} "
+        print(f"{name:15} {s['supervised_tokens_per_s']:9.1f} {s['supervised_tokens_per_s'] / b0['supervised_tokens_per_s']:5.2f} "
               f"{s['tokens_per_s']:7.1f} {s['tokens_per_s'] / b0['tokens_per_s']:5.2f} {s.get('padding', 0):5.1%} "
               f"{s['seconds_per_step']:6.2f} {s['peak_rss_gb']:6.2f} {s['peak_rss_gb'] / b0['peak_rss_gb']:5.2f} "
               f"{s['time_to_first_step_s']:10.1f} {s['adapter_mb']:10.1f} {s['train_loss_last_quarter']:10.3f} "
@@ -412,13 +414,11 @@ def print_table(profile: str, summary: dict, peak: float) -> None:
 
 def compare_estimates(profile: str, summary: dict, imports_gb: float, env: dict) -> None:
     """`lora estimate` for our recipes against the measured peak RSS less the imported libraries."""
-    for name in ("ours", "ours-qlora"):
-        if name not in summary:
-            continue
+    for name in [n for n in summary if n in OURS]:
         s = summary[name]
         recipe = WORK / "runs" / f"{profile}-{name}-0" / "recipe.yaml"
         estimate = run_child(ours_command({"recipe": str(recipe)})[:1] + ["estimate", str(recipe), "--json"], env)[0]
-        s["estimate_gb"] = estimate["memory"]["qlora" if name == "ours-qlora" else "lora"]["total"] / 1e9
+        s["estimate_gb"] = estimate["memory"]["qlora" if OURS[name][0] == "4bit" else "lora"]["total"] / 1e9
         measured = s["peak_rss_gb"] - imports_gb
         s["estimate_error"] = s["estimate_gb"] / measured - 1
         print(f"  {profile}, lora estimate for {name}: {s['estimate_gb']:.2f} GB vs measured {measured:.2f} GB "
