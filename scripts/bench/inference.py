@@ -1,6 +1,6 @@
 """Generation speed of base, adapter (unmerged) and merged model; merge time; `lora --help` time.
 
-    .venv/bin/python scripts/bench/inference.py [--repeats 3] [--new-tokens 64]
+    .venv/bin/python scripts/bench/inference.py [--repeats 6] [--new-tokens 64] [--dtype auto]
                                                 [--out build/bench/inference.json]
 
 On SmolLM2-135M-Instruct (the embedded model), 2 threads, greedy decoding of exactly
@@ -42,7 +42,10 @@ def worker(variant: str, run: Path, model: str, new_tokens: int) -> None:
     source = run / "merged" if variant == "merged" else Path(model)
     tokenizer = AutoTokenizer.from_pretrained(run / "adapter")
     loaded = time.perf_counter()
-    net = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    # all three in the dtype the run trained in (model.dtype auto: bfloat16 on a CPU with
+    # AVX512-BF16 or AMX); `lora merge` saves the merged model in it too
+    dtype = getattr(torch, json.loads((run / "run.json").read_text())["model"]["dtype"])
+    net = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     if variant == "adapter":
         from peft import PeftModel
 
@@ -71,7 +74,7 @@ def run(argv: list[str], env: dict) -> tuple[str, float]:
     return proc.stdout, seconds
 
 
-def make_run(env: dict) -> tuple[Path, str]:
+def make_run(env: dict, dtype: str) -> tuple[Path, str]:
     import yaml
 
     from lora_cli.config import ModelConfig
@@ -82,7 +85,7 @@ def make_run(env: dict) -> tuple[Path, str]:
     recipe = WORK / "inference-recipe.yaml"
     recipe.parent.mkdir(parents=True, exist_ok=True)
     recipe.write_text(yaml.safe_dump({
-        "model": {"name": "smollm2-135m-instruct", "dtype": "float32"},
+        "model": {"name": "smollm2-135m-instruct", "dtype": dtype},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
         "data": {"train": "data/devils-dictionary/train.jsonl", "format": "chat", "max_length": 160, "packing": True},
         "train": {"max_steps": 2, "batch_size": 2, "lr": 1e-3, "log_every": 1},
@@ -94,8 +97,9 @@ def make_run(env: dict) -> tuple[Path, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=6)  # single runs vary by ±10% here
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="auto", help="the run's model.dtype (default: ours, auto)")
     parser.add_argument("--out", type=Path, default=WORK / "inference.json")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -107,7 +111,8 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     help_times = sorted(run(lora_command("--help"), env)[1] for _ in range(5))
     print(f"lora --help: {statistics.median(help_times):.3f} s (median of 5)", flush=True)
-    run_dir, model = make_run(env)
+    run_dir, model = make_run(env, args.dtype)
+    dtype = json.loads((run_dir / "run.json").read_text())["model"]["dtype"]
     shutil.rmtree(run_dir / "merged", ignore_errors=True)
     _, merge_seconds = run(lora_command("merge", str(run_dir)), env)
     print(f"lora merge: {merge_seconds:.1f} s (load, fold, verify, save)", flush=True)
@@ -120,13 +125,13 @@ def main() -> None:
             results[variant].append(json.loads(out.strip().splitlines()[-1]))
     base = statistics.median(r["tokens_per_s"] for r in results["base"])
     summary = {}
-    print(f"\n{'variant':8} {'tokens/s':>9} {'x base':>7}   (SmolLM2-135M, greedy, {args.new_tokens} new tokens, {THREADS} threads)")
+    print(f"\n{'variant':8} {'tokens/s':>9} {'x base':>7}   (SmolLM2-135M in {dtype}, greedy, {args.new_tokens} new tokens, {THREADS} threads)")
     for variant, runs in results.items():
         tps = statistics.median(r["tokens_per_s"] for r in runs)
         summary[variant] = {"tokens_per_s": tps, "ratio": tps / base, "all": [round(r["tokens_per_s"], 1) for r in runs]}
         print(f"{variant:8} {tps:9.1f} {tps / base:7.2f}")
     report = {"help_seconds": statistics.median(help_times), "merge_seconds": merge_seconds, "generation": summary,
-              "cores": os.cpu_count(), "threads": THREADS}
+              "dtype": dtype, "cores": os.cpu_count(), "threads": THREADS}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     print(f"written to {args.out}")

@@ -4,14 +4,16 @@
 
 Why it exists: the issue lists bf16 autocast and torch.compile as ways that may pay, to be
 chosen by measurement. `lora train` computes in float32 on a CPU (model.dtype auto); this
-measures what the alternatives would give on this machine before any becomes a default.
+measures what the alternatives give on this machine (model.dtype auto is bfloat16 on a CPU with
+AVX512-BF16 or AMX since it measured faster here, float32 elsewhere). It also measures raw matmul
+throughput per dtype, so the training figures can be read against what the CPU can do.
 
 Each candidate runs in its own fresh subprocess, interleaved and repeated: SmolLM2-135M (the
 embedded model, converted copy in the cache), LoRA r16 all-linear (peft keeps the adapter in
 float32), AdamW, 4 x 160 tokens of the quickstart's Devil's Dictionary rows per step, the same
 batches in the same order, 2 threads. Candidates:
 
-    fp32            float32 weights and compute (what `lora train` does on a CPU)
+    fp32            float32 weights and compute (`lora train` on a CPU without bf16 instructions)
     autocast-bf16   float32 weights, matmuls in bfloat16 under torch.autocast (HF Trainer bf16=True)
     bf16-weights    base weights stored in bfloat16 (model.dtype: bfloat16), under the same autocast
     compile         float32, the model wrapped in torch.compile (inductor; first steps compile)
@@ -103,6 +105,29 @@ def worker(candidate: str, steps: int, warmup: int) -> None:
     }))
 
 
+def worker_matmul() -> None:
+    """GFLOP/s of one matmul per dtype, 2 threads: a square 1024 product, and the shape of
+    SmolLM2-135M's MLP up-projection on a 4 x 160-token batch (640 x 576 @ 576 x 1536)."""
+    import torch
+
+    torch.set_num_threads(2)
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for label, (m, k, n) in {"square": (1024, 1024, 1024), "mlp": (640, 576, 1536)}.items():
+            a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+            for _ in range(5):
+                a @ b
+            best = 0.0
+            for _ in range(5):
+                start, count = time.perf_counter(), 0
+                while time.perf_counter() - start < 0.3:
+                    a @ b
+                    count += 1
+                best = max(best, 2 * m * k * n * count / (time.perf_counter() - start))
+            out[f"{str(dtype).removeprefix('torch.')}_{label}_gflops"] = round(best / 1e9, 1)
+    print(json.dumps(out))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10)
@@ -112,12 +137,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker == "matmul":
+        worker_matmul()
+        return
     if args.worker:
         worker(args.worker, args.steps, args.warmup)
         return
 
     candidates = args.candidates.split(",")
     env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([sys.executable, __file__, "--worker", "matmul"], capture_output=True, text=True, env=env, check=True)
+    matmul = json.loads(done.stdout.strip().splitlines()[-1])
+    print("matmul GFLOP/s, 2 threads: " + ", ".join(f"{k.removesuffix('_gflops')} {v}" for k, v in matmul.items()), flush=True)
     results: dict[str, list[dict]] = {c: [] for c in candidates}
     for repeat in range(args.repeats):
         for candidate in candidates:
@@ -154,6 +185,7 @@ def main() -> None:
               f"{loss_gap if loss_gap is not None else float('nan'):>18.4f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": {"cpu": platform.processor() or platform.machine(), "threads": 2},
+                                    "matmul": matmul,
                                     "steps": args.steps, "warmup": args.warmup, "summary": summary}, indent=1))
     print(f"\nwritten to {args.out}")
 
