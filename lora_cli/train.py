@@ -513,8 +513,11 @@ def _memory_line(recipe: Recipe) -> str:
         est = estimate(recipe)
     except (LoraError, OSError, ValueError) as e:  # an estimate never stops a run
         return f"memory estimate: unavailable ({getattr(e, 'message', e)})"
-    return (f"memory estimate: {human_bytes(est.memory[est.method]['total'])} to train ({est.method}, batch "
-            f"{est.batch_size} x {est.max_length} tokens, plus ~0.5-1 GB for the libraries; `lora estimate` has the table)")
+    shape = f"batch {est.batch_size} x {est.max_length} tokens, plus ~0.5-1 GB for the libraries; `lora estimate` has the table"
+    if est.method not in est.memory:  # an 8-bit base is not modelled: it lies between the two
+        low, high = (human_bytes(est.memory[m]["total"]) for m in ("qlora", "lora"))
+        return f"memory estimate: between {low} (4-bit) and {high} (full precision) to train ({est.method}, {shape})"
+    return f"memory estimate: {human_bytes(est.memory[est.method]['total'])} to train ({est.method}, {shape})"
 
 
 def _jsonable(obj) -> dict:

@@ -89,6 +89,7 @@ def test_a_bfloat16_run_records_its_dtype_and_learns(bf16_run):
     run_json = json.loads((bf16_run / "run.json").read_text())
     assert run_json["model"]["dtype"] == "bfloat16"
     assert "dtype: auto" in (bf16_run / "recipe.yaml").read_text()  # the recipe stays as written
+    assert "- dtype bfloat16" in (bf16_run / "adapter" / "README.md").read_text()  # the model card says which
     losses = [m["loss"] for m in read_metrics(bf16_run) if "loss" in m]
     assert losses[-1] < 0.7 * losses[0], losses
     from safetensors.torch import load_file

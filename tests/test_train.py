@@ -31,7 +31,7 @@ def probe_ids(model_dir: Path) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-@pytest.mark.parametrize("quantization", ["none", "4bit"])
+@pytest.mark.parametrize("quantization", ["none", "4bit", "8bit"])
 def test_train_learns_saves_and_reloads(arch, quantization, request, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -74,6 +74,10 @@ def test_train_learns_saves_and_reloads(arch, quantization, request, tmp_path):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
         )
+    elif quantization == "8bit":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     base = without_cpu_bf16_repacking(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kwargs))
     with torch.no_grad():
         base_logits = base(input_ids=ids).logits
