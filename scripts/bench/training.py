@@ -172,6 +172,8 @@ def worker_tutorial(spec: dict) -> None:
         max_steps=spec["steps"], learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0,
         logging_steps=1, save_strategy="no", report_to="none", seed=SEED, data_seed=SEED,
         train_sampling_strategy="group_by_length" if spec["group_by_length"] else "random", use_cpu=not torch.cuda.is_available(), disable_tqdm=True, dataloader_num_workers=0,
+        # on a GPU a tutorial turns on bf16 mixed precision (not yet run on one: no GPU lent so far)
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
     )
     trainer = CountingTrainer(model=model, args=args, train_dataset=dataset,
                               data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest"), callbacks=[StepLog()])
