@@ -158,7 +158,8 @@ class StopOnSignalCallback(TrainerCallback):
     """
 
     def __init__(self):
-        self.received: int | None = None
+        self.received: int | None = None  # the signal this rank got (or, once agreed, another rank's)
+        self.stopped = False  # training stopped early because of it (all ranks at the same step)
         self._received_at = 0.0
         self._previous = {}
 
@@ -192,11 +193,15 @@ class StopOnSignalCallback(TrainerCallback):
         from lora_cli.distributed import agree_max
 
         # With several processes all must stop at the same step (else the others wait forever in
-        # the next gradient all-reduce): a signal seen by any rank stops every rank.
-        received = agree_max(self.received or 0)
-        if received and self.received is None:
-            self.received = received
-        if self.received is not None:
+        # the next gradient all-reduce): a signal seen by any rank stops every rank. Only the
+        # agreed value decides. A signal that arrives while this rank waits in the collective is
+        # handled right after it returns: the other ranks agreed without it, so this step does not
+        # stop (checking self.received here once let one rank stop alone and hang the others);
+        # the next step's agreement includes it.
+        agreed = agree_max(self.received or 0)
+        if agreed:
+            self.received = self.received or agreed
+            self.stopped = True
             control.should_save = True
             control.should_training_stop = True
         return control

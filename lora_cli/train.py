@@ -441,7 +441,8 @@ def _train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> TrainRes
         stopper.uninstall()
         progress.close()
 
-    if stopper.received is not None:
+    # A signal after the last step's agreement stopped nothing: the run is complete and is saved.
+    if stopper.stopped:
         import signal
 
         step = trainer.state.global_step

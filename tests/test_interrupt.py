@@ -160,3 +160,31 @@ def test_ctrl_c_during_the_final_adapter_save_leaves_no_half_adapter(tiny_gpt2, 
     assert not (run / "adapter").exists()
     assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # no temporary adapter left
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["checkpoint-2"]
+
+
+def test_a_signal_during_the_ranks_agreement_waits_for_the_next_step(monkeypatch):
+    """Under DDP the ranks agree at each step's end on whether any got a signal (one all-reduce).
+    A signal that arrives while a rank waits in that collective is handled as soon as it returns,
+    after the others agreed without it: that rank must not stop alone (the others would wait for
+    it forever in the next step's gradient all-reduce). It stops one step later, with them."""
+    import signal
+
+    from transformers import TrainerControl
+
+    import lora_cli.distributed
+    from lora_cli.callbacks import StopOnSignalCallback
+
+    stopper = StopOnSignalCallback()
+    signal_now = {"pending": True}
+
+    def agree_max(value):  # what every rank contributed: no signal yet; this rank's arrives now
+        if signal_now.pop("pending", False):
+            stopper._handle(signal.SIGINT, None)
+        return value
+
+    monkeypatch.setattr(lora_cli.distributed, "agree_max", agree_max)
+    first = stopper.on_step_end(None, None, TrainerControl())
+    assert not first.should_training_stop and not first.should_save and not stopper.stopped
+    assert stopper.received == signal.SIGINT  # remembered for the next agreement
+    second = stopper.on_step_end(None, None, TrainerControl())
+    assert second.should_training_stop and second.should_save and stopper.stopped
