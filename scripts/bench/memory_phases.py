@@ -8,7 +8,8 @@ should match the first step's peak; what grows after it is the allocator holding
 memory. Runs the training in this process (preload the allocator `lora train` would use, as
 above) into --out (default /tmp/lora-memory-phases, overwritten). RSS is sampled every 2 ms;
 figures are MB above the RSS once the libraries are imported. "step N" runs from the start of
-optimizer step N to the start of the next one; the last also covers saving the adapter.
+optimizer step N to the start of the next one (the last one's ends with the Trainer's own
+end-of-training work); "saving" is the adapter, its model card and the loss plot.
 """
 
 from __future__ import annotations
@@ -68,6 +69,11 @@ def main() -> None:
             def training_step(self, *a, **k):
                 phase[0] = f"step {self.state.global_step + 1}"
                 return super().training_step(*a, **k)
+
+            def train(self, *a, **k):
+                result = super().train(*a, **k)
+                phase[0] = "saving"  # the adapter, the model card, the loss plot
+                return result
 
         return PhaseTrainer
 
