@@ -197,10 +197,6 @@ def cpu_has_native_bfloat16() -> bool:
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
-def dtype_name(dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def pin_dtypes(cfg: ModelConfig, recorded: dict | None = None) -> ModelConfig:
     """`cfg` with `auto` dtypes replaced by concrete ones: those a run recorded when it started
     (`recorded`, run.json's "model"), else this machine's.
@@ -211,7 +207,7 @@ def pin_dtypes(cfg: ModelConfig, recorded: dict | None = None) -> ModelConfig:
     import dataclasses
 
     recorded = recorded or {}
-    dtype = cfg.dtype if cfg.dtype != "auto" else recorded.get("dtype") or dtype_name(resolve_dtype("auto"))
+    dtype = cfg.dtype if cfg.dtype != "auto" else recorded.get("dtype") or str(resolve_dtype("auto")).removeprefix("torch.")
     compute = cfg.compute_dtype if cfg.compute_dtype != "auto" else dtype  # auto: the same as dtype
     return dataclasses.replace(cfg, dtype=dtype, compute_dtype=compute)
 

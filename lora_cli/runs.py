@@ -139,14 +139,20 @@ def read_run_json(paths: RunPaths) -> dict:
 
 
 def load_run_recipe(paths: RunPaths):
-    """The recipe a run was trained with, its `auto` dtypes pinned to the ones the run recorded
-    when it started (lora_cli.model.pin_dtypes): the base loads as the adapter was trained on it."""
+    """The recipe a run was trained with, its dtypes pinned (with_run_dtypes): the base loads as
+    the adapter was trained on it."""
+    from lora_cli.config import load_recipe
+
+    return with_run_dtypes(load_recipe(paths.recipe), paths)
+
+
+def with_run_dtypes(recipe, paths: RunPaths):
+    """`recipe` with its `auto` dtypes pinned to the ones the run recorded when it started, else
+    (a new run) to this machine's (lora_cli.model.pin_dtypes)."""
     import dataclasses
 
-    from lora_cli.config import load_recipe
     from lora_cli.model import pin_dtypes
 
-    recipe = load_recipe(paths.recipe)
     return dataclasses.replace(recipe, model=pin_dtypes(recipe.model, read_run_json(paths).get("model")))
 
 

@@ -6,7 +6,6 @@ arguments, wires in our callbacks, and keeps the run directory's promises (DESIG
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 import os
@@ -21,7 +20,8 @@ from lora_cli import __version__
 from lora_cli.config import Recipe, dump_recipe, marked_recipe_lines, recipe_to_dict
 from lora_cli.data import REAL_TOKENS_KEY
 from lora_cli.errors import Interrupted, RunDirError, TrainingError
-from lora_cli.runs import RunPaths, atomic_directory, atomic_write_text, prepare_run_dir, read_run_json, update_run_json
+from lora_cli.runs import (RunPaths, atomic_directory, atomic_write_text, prepare_run_dir, read_run_json,
+                           update_run_json, with_run_dtypes)
 
 # Recipe keys that may change between a run and its resume: they do not alter what is learned.
 RESUME_BENIGN_KEYS = {
@@ -367,14 +367,14 @@ def _train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> TrainRes
     from lora_cli.callbacks import MetricsFileCallback, ProgressCallback, StopOnSignalCallback, TokenCounter
     from lora_cli.data import Collator, prepare_data
     from lora_cli import distributed
-    from lora_cli.model import attach_lora, load_base_model, load_tokenizer, pin_dtypes, resolve_model_source
+    from lora_cli.model import attach_lora, load_base_model, load_tokenizer, resolve_model_source
 
     main = distributed.is_main()
     say = print if main else (lambda *args, **kwargs: None)  # one copy of each message, not N
     started = time.perf_counter()
     # `auto` dtypes become concrete now and are recorded: a resumed run keeps the ones it started
-    # with, and eval / merge / generate load the base as it was trained (model.pin_dtypes).
-    recipe = dataclasses.replace(recipe, model=pin_dtypes(recipe.model, read_run_json(paths).get("model")))
+    # with, and eval / merge / generate load the base as it was trained (runs.load_run_recipe).
+    recipe = with_run_dtypes(recipe, paths)
     set_seed(recipe.train.seed)  # the same on every rank: same LoRA init, same data order
     # The main process converts a GGUF file into the shared cache once; the others reuse it.
     source = distributed.main_first(lambda: resolve_model_source(recipe.model))

@@ -38,6 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts" / "bench"))
 OUT = ROOT / "build" / "bench" / "precision.json"
 CANDIDATES = ("fp32", "autocast-bf16", "bf16-weights", "compile")
 BATCH, LENGTH = 4, 160
@@ -110,21 +111,14 @@ def worker_matmul() -> None:
     SmolLM2-135M's MLP up-projection on a 4 x 160-token batch (640 x 576 @ 576 x 1536)."""
     import torch
 
+    from matmul import best_matmul_flops
+
     torch.set_num_threads(2)
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
-        for label, (m, k, n) in {"square": (1024, 1024, 1024), "mlp": (640, 576, 1536)}.items():
-            a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-            for _ in range(5):
-                a @ b
-            best = 0.0
-            for _ in range(5):
-                start, count = time.perf_counter(), 0
-                while time.perf_counter() - start < 0.3:
-                    a @ b
-                    count += 1
-                best = max(best, 2 * m * k * n * count / (time.perf_counter() - start))
-            out[f"{str(dtype).removeprefix('torch.')}_{label}_gflops"] = round(best / 1e9, 1)
+        for label, shape in {"square": (1024, 1024, 1024), "mlp": (640, 576, 1536)}.items():
+            flops = best_matmul_flops(*shape, dtype=dtype)
+            out[f"{str(dtype).removeprefix('torch.')}_{label}_gflops"] = round(flops / 1e9, 1)
     print(json.dumps(out))
 
 

@@ -238,18 +238,10 @@ def worker_import_baseline() -> None:
 def worker_matmul_peak() -> None:
     import torch
 
+    from matmul import best_matmul_flops
+
     torch.set_num_threads(THREADS)
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    for _ in range(5):
-        a @ b
-    best = 0.0
-    for _ in range(5):
-        start, n = time.perf_counter(), 0
-        while time.perf_counter() - start < 0.4:
-            a @ b
-            n += 1
-        best = max(best, 2 * 1024**3 * n / (time.perf_counter() - start))
-    print(json.dumps({"matmul_flops": best}))
+    print(json.dumps({"matmul_flops": best_matmul_flops(1024, 1024, 1024, window=0.4)}))
 
 
 def worker_flops_per_token(spec: dict) -> None:
