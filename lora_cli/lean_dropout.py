@@ -11,8 +11,8 @@ keeps every cast copy, each twice the size of the bfloat16 input (SmolLM2-135M i
 benchmark's real profile: peak RSS 1.92 GB with peft's casts, 1.64 GB with them folded).
 
 Here the cast and the dropout move inside lora_A, under a non-reentrant `torch.utils.checkpoint`:
-the forward keeps only a reference to `x` (shared by the linears that read it, and kept anyway
-by the base layer) and the RNG state; the backward redraws the same mask and recomputes
+the forward keeps only a reference to `x`, in its own dtype (one per distinct input: q/k/v, and
+gate/up, read the same one), and the RNG state; the backward redraws the same mask and recomputes
 `dropout(x.to(A.dtype)) @ A.T` (r outputs per token: cheap). It is the same cast and the same
 `F.dropout` call drawing from the same generator, so training is bit-for-bit what plain peft
 computes (tests/test_lean_dropout.py compares losses and adapters); the saved adapter is
