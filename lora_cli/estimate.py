@@ -138,7 +138,8 @@ def model_dir_on_disk(cfg: ModelConfig) -> Path | None:
     """The directory holding the model's config.json, where there is one already: a local model
     directory, or the converted copy of a GGUF model; None otherwise (a hub id, a GGUF file not
     converted yet)."""
-    from lora_cli.model import converted_gguf_dir, gguf_file
+    from lora_cli.gguf_cache import converted_gguf_dir
+    from lora_cli.model import gguf_file
 
     gguf = gguf_file(cfg)
     directory = converted_gguf_dir(gguf) if gguf is not None else Path(cfg.name).expanduser()

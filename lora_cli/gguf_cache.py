@@ -1,0 +1,102 @@
+"""GGUF models, converted once: transformers dequantizes a GGUF file on every load (~20 s for
+135M parameters), so the first use writes a float32 safetensors copy to the cache and every later
+load reads that (well under a second).
+
+The copy is keyed by the file's content, not its path: the built-in model's GGUF lives inside a
+wheel, so every virtualenv (every fresh clone, every CI run) has its own copy of the same file,
+and a path key gave each of them its own 0.5 GB converted model. Hashing a multi-GB GGUF takes
+seconds, so the digest of each (path, size, mtime) is remembered in a small index beside the copies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from lora_cli.errors import ModelError
+
+# Bump when the converted copy's layout changes, so older copies are not mistaken for new ones.
+CONVERSION_FORMAT = "1"
+
+
+def cache_root() -> Path:
+    """Where converted models are kept: $LORA_CACHE_DIR, else $XDG_CACHE_HOME/lora, else ~/.cache/lora."""
+    if os.environ.get("LORA_CACHE_DIR"):
+        return Path(os.environ["LORA_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lora"
+
+
+def converted_gguf_dir(gguf: Path) -> Path:
+    """Where `convert_gguf` keeps (or will keep) the safetensors copy of `gguf`."""
+    return cache_root() / "gguf" / f"{gguf.stem}-{content_digest(gguf)[:16]}"
+
+
+def content_digest(gguf: Path) -> str:
+    """SHA-256 of the file's bytes (and the conversion format), remembered per path, size and mtime."""
+    gguf = gguf.resolve()
+    stat = gguf.stat()
+    seen = f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}"
+    index_path = cache_root() / "gguf" / "digests.json"
+    index = _read_index(index_path)
+    if seen not in index:
+        with open(gguf, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256")
+        digest.update(f":format{CONVERSION_FORMAT}".encode())
+        index[seen] = digest.hexdigest()
+        _write_index(index_path, index)
+    return index[seen]
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or damaged: it only saves time, so start afresh
+        return {}
+    return index if isinstance(index, dict) else {}
+
+
+def _write_index(path: Path, index: dict[str, str]) -> None:
+    """Atomically; where the cache cannot be written, the digest is simply computed again next time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".digests.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(index, f, indent=1)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """The safetensors model directory for `gguf`, converted on first use."""
+    target = converted_gguf_dir(gguf)
+    if (target / "config.json").is_file():
+        return target
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_cli.runs import atomic_directory
+
+    print(f"converting {gguf.name} to safetensors (once, ~30 s; cached in {target})", flush=True)
+    os.environ["TQDM_DISABLE"] = "1"  # transformers' per-tensor bar uses plain tqdm
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except ImportError as e:
+        raise ModelError(f"loading {gguf.name} needs the gguf package: {e}", "pip install gguf") from None
+    except Exception as e:  # a corrupt file or an architecture transformers cannot read from GGUF
+        raise ModelError(f"could not read GGUF file {gguf}: {e}", "Check that it is a GGUF model file.") from None
+    # The weights are now plain float32 tensors; drop the GGUF marker that makes
+    # save_pretrained refuse ("quantized with gguf and is not serializable").
+    model.hf_quantizer = None
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    with atomic_directory(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target
