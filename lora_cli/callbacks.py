@@ -15,7 +15,9 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 # Keys of the Trainer's log dicts that we keep in metrics.jsonl.
-_TRAIN_KEYS = ("loss", "learning_rate", "grad_norm", "epoch")
+# skipped_steps: steps of the window whose loss was NaN/inf (LoraTrainer.log); their gradients
+# were dropped, and "loss" is the mean of the others (or the non-finite value when all were).
+_TRAIN_KEYS = ("loss", "skipped_steps", "learning_rate", "grad_norm", "epoch")
 _EVAL_PREFIX = "eval_"
 
 
@@ -120,6 +122,7 @@ class ProgressCallback(TrainerCallback):
             return
         if "loss" in logs:
             self.last["loss"] = logs["loss"]
+            self.last["skipped"] = logs.get("skipped_steps", 0)
             self.last["lr"] = logs.get("learning_rate")
             self.last["rate"] = self.tokens.rate
         if "eval_loss" in logs:
@@ -133,6 +136,12 @@ class ProgressCallback(TrainerCallback):
         parts = []
         if "loss" in self.last:
             parts.append(f"loss {self.last['loss']:.4f}")
+            skipped = self.last.get("skipped")
+            if skipped:  # e.g. "loss nan (step skipped)": a bad step must be visible, never a 0.0000
+                steps = "step" if skipped == 1 else f"{skipped} steps"
+                if math.isfinite(self.last["loss"]):  # the mean of the window's other steps
+                    steps = f"{skipped} step{'s' if skipped > 1 else ''} with non-finite loss"
+                parts[-1] += f" ({steps} skipped)"
         if "eval_loss" in self.last:
             parts.append(f"eval {self.last['eval_loss']:.4f}")
         if self.last.get("lr") is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,7 +78,8 @@ class LoraSection:
     target_modules: str | list[str] = opt(
         "all-linear",
         "Modules that get LoRA: 'all-linear' (every linear layer but the output head) or a list "
-        "of module names such as [q_proj, v_proj] or [c_attn].",
+        "of module names such as [q_proj, v_proj] or [c_attn] (one name alone is fine; a string "
+        "with regex characters is a regular expression over full module paths, as in PEFT).",
     )
     bias: Literal["none", "all", "lora_only"] = opt("none", "Which biases to train.")
     use_dora: bool = opt(False, "Weight-decomposed LoRA (DoRA).")
@@ -151,7 +153,7 @@ class TrainConfig:
     max_nonfinite_steps: int = opt(
         3, "Stop after this many consecutive steps with NaN/inf loss.", range=(1, None, True, None)
     )
-    seed: int = opt(42, "Random seed for initialisation, data order and dropout.")
+    seed: int = opt(42, "Random seed for initialisation, data order and dropout.", range=(0, 2**32 - 1, True, True))
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = opt(
         list, "Experiment trackers to log to (never on by default).", factory=True
     )
@@ -191,6 +193,10 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise RecipeError(source, [f"not UTF-8 text (byte {e.start})"], "Save the recipe as UTF-8.") from None
     raw, lines = parse_yaml(text, source)
     raw = apply_overrides(raw, overrides, source)
+    for item in overrides:  # a bad override is not on the file's line that it replaced
+        key, sep, _ = item.partition("=")
+        if sep and key.strip():
+            lines[tuple(key.strip().split("."))] = "override"
     recipe = recipe_from_dict(raw, source, lines)
     if recipe.output_dir is None:
         recipe = dataclasses.replace(recipe, output_dir=str(Path("runs") / path.stem))
@@ -323,6 +329,8 @@ def _unknown_key(path: tuple, known: list[str], lines: dict) -> str:
 
 def _where(path: tuple, lines: dict) -> str:
     line = lines.get(path)
+    if line == "override":
+        return "command line: "
     return f"line {line}: " if line else ""
 
 
@@ -385,6 +393,9 @@ def _coerce(value: Any, hint: Any) -> Any:
 
 def _check_value(value: Any, hint: Any, path: tuple, lines: dict, problems: list[str]) -> Any:
     result = _coerce(value, hint)
+    if isinstance(result, float) and not math.isfinite(result):  # nan compares false with every bound
+        problems.append(f"{_where(path, lines)}'{'.'.join(path)}' must be a finite number, got {value!r}")
+        return None
     if result is _INVALID:
         problems.append(
             f"{_where(path, lines)}'{'.'.join(path)}' must be {_describe(hint)}, got {value!r}"

@@ -577,3 +577,48 @@ def _fingerprint(*parts: list[dict]) -> str:
             digest.update(array("q", ex["labels"]).tobytes())
         digest.update(b"|")
     return digest.hexdigest()[:16]
+
+
+def check_max_length(max_length: int, config) -> str | None:
+    """data.max_length against the model's context (`config`: the model's config); shared by
+    `lora train` and `lora validate`.
+
+    A model with learned absolute positions (GPT-2's n_positions, OPT, GPT-Neo: no RoPE or ALiBi in
+    its config) has no embedding past its context, so a longer row crashes mid-run: a RecipeError
+    (exit 2) now. A RoPE / ALiBi model computes any position but never trained past its context:
+    returns the warning to show. None when max_length fits.
+    """
+    from lora_cli.errors import RecipeError
+    from lora_cli.estimate import model_context
+
+    context = model_context(config)
+    if context is None or max_length <= context:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    settings = text.to_dict()
+    computed = getattr(text, "position_embedding_type", None) == "rotary" or any(
+        value and any(word in key for word in ("rope", "rotary", "alibi")) for key, value in settings.items()
+    )
+    if computed:
+        return (f"data.max_length {max_length} is beyond the model's context of {context} tokens "
+                f"(max_position_embeddings): positions past it were never trained. Fix: data.max_length={context} or less")
+    name = "n_positions" if "n_positions" in settings else "max_position_embeddings"
+    raise RecipeError(
+        "data.max_length",
+        [f"{max_length} is beyond the model's context of {context} tokens ({name}): the model learned one "
+         f"position embedding per token up to {context}, so longer rows cannot run"],
+        f"Set data.max_length={context} or less (data.too_long decides what happens to longer examples).",
+    )
+
+
+def check_model_context(model_cfg, max_length: int) -> str | None:
+    """check_max_length for the recipe's model, read from its config (never the weights). A config
+    that cannot be read is left for the model load to report."""
+    from lora_cli.errors import LoraError
+    from lora_cli.estimate import load_model_config
+
+    try:
+        config = load_model_config(model_cfg)
+    except LoraError:
+        return None
+    return check_max_length(max_length, config)

@@ -172,7 +172,8 @@ def add_details(report: DataReport, counts: TokenizeCounts, tokenizer, *, seed: 
     # without a supervised EOS teaches the model never to stop.
     missing = report.train_rows - counts.eos_last - counts.truncated
     if missing > 0:
-        cause = (" (the pad token is EOS: something masked it like padding)" if report.pad_is_eos else "")
+        # (not a certain cause: a conversation that ends with a user turn has no answer to end either)
+        cause = (" (the pad token is EOS here: check that nothing masked it like padding)" if report.pad_is_eos else "")
         report.warnings.append(
             f"{missing} of {plural(report.train_rows, 'example')} have no supervised "
             f"EOS {report.eos_token!r}{cause}: the model will not learn to stop. Fix: make sure answers "

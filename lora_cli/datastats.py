@@ -47,7 +47,7 @@ def histogram_lines(hist: list[list[int]], max_length: int) -> list[str]:
     lines = []
     for low, high, count in hist:
         bar = "#" * math.ceil(HISTOGRAM_WIDTH * count / most) if count else ""
-        over = "  > max_length" if low > max_length else ""
+        over = "  > max_length" if low > max_length else "  partly > max_length" if high > max_length else ""
         lines.append(f"  {low:>{digits}}-{high:<{digits}} |{bar:<{HISTOGRAM_WIDTH}} {count}{over}")
     return lines
 

@@ -354,7 +354,7 @@ def estimate_lines(est: Estimate) -> list[str]:
         f"model: {est.model} ({s.model_type}, {s.layers} layers, hidden {s.hidden}, vocab {s.vocab}"
         + (f", context {s.context}" if s.context else "") + ")",
         f"parameters: {s.total_params:,} ({human_count(s.total_params)})",
-        f"trainable LoRA parameters: {s.trainable_params:,} ({pct:.2f}%)",
+        f"trainable LoRA parameters: {s.trainable_params:,} ({pct:.2f}% of the base's)",
         f"adapter on disk: {human_bytes(est.adapter_bytes)} (safetensors, float32)",
         f"memory to train, batch {est.batch_size} x {est.max_length} tokens "
         f"({est.weight_bytes * 8}-bit weights; not counting ~0.5-1 GB for Python and the libraries):",

@@ -20,7 +20,14 @@ import math
 import sys
 from pathlib import Path
 
-from lora_cli.errors import DataError
+from lora_cli.errors import EXIT_RUNTIME, DataError, LoraError
+
+
+class NonFiniteLoss(LoraError):
+    """The loss came out NaN/inf (a diverged adapter): a run-time failure, and nothing is written."""
+
+    exit_code = EXIT_RUNTIME
+
 
 IGNORE_INDEX = -100
 SAMPLES = 5  # exact match: answers kept in eval.json, to see what the numbers mean
@@ -41,6 +48,10 @@ def eval_examples(recipe, tokenizer, paths, data: str | None, *, train_on_prompt
     from lora_cli.data import load_records, prepare_data, tokenize_records
 
     if data is not None:
+        path = Path(data)
+        # Said here: the loader's own message is worded for a recipe's list of data files.
+        if path.is_file() and not path.read_bytes().strip():
+            raise DataError(f"--data {data}: no rows (the file is empty)", "Pass a file with held-out rows.")
         records = load_records(data)
         examples, counts = tokenize_records(records, cfg, tokenizer, source=str(data))
         return examples, counts.format, str(data)
@@ -175,7 +186,6 @@ def run_eval(
     batch_size: int = 8,
 ) -> dict:
     """Evaluate base vs adapter; write RUN/eval.json; print a table (or JSON). Returns the result."""
-    from lora_cli.errors import LoraError
     from lora_cli.runs import atomic_write_json, load_run_recipe, resolve_run
 
     if batch_size < 1:
@@ -218,6 +228,15 @@ def run_eval(
     with model.disable_adapter():
         base_total, count = token_nll(model, examples, pad, batch_size)
     adapter_total, _ = token_nll(model, examples, pad, batch_size)
+    # A NaN loss would print as "nan", exit 0 and put NaN (not JSON) into eval.json.
+    for what, total in (("the base model", base_total), ("the adapter", adapter_total)):
+        if not math.isfinite(total):
+            raise NonFiniteLoss(
+                f"{paths.root}: the loss of {what} is not finite ({total}): its outputs are "
+                f"NaN or inf" + (", the run diverged" if what == "the adapter" else "") + "; eval.json was not written",
+                "Retrain with a lower train.lr (`lora runs` and the run's metrics.jsonl show where the loss went bad)."
+                if what == "the adapter" else "The base model's weights may be broken, or overflow in this dtype.",
+            )
     result = {
         "run": str(paths.root),
         "base": loss_and_perplexity(base_total, count),

@@ -17,7 +17,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_cli.errors import DataError, LoraError, ModelError
+from lora_cli.errors import EXIT_RUNTIME, DataError, LoraError, ModelError
+
+
+class NonFiniteOutput(LoraError):
+    """The model's logits went NaN/inf while generating (a diverged adapter): a run-time failure."""
+
+    exit_code = EXIT_RUNTIME
 
 
 @dataclass
@@ -52,11 +58,15 @@ def read_prompts(prompt: str | None, file: str | Path | None, stdin=None) -> lis
         )
     source = file if file is not None else prompt
     if prompt is not None and prompt != "-":
+        if not prompt.strip():  # as blank lines of --file are skipped; "" would reach the model as no tokens
+            raise LoraError("the prompt is empty", 'Pass some text to continue, e.g. "Once upon a time".')
         return [prompt]
     if str(source) == "-":
         text, where = stdin.read(), "stdin"
     else:
         path = Path(source)
+        if path.is_dir():
+            raise DataError(f"--file {path} is a directory, not a prompt file", "Name a text file with one prompt per line.")
         if not path.is_file():
             raise DataError(f"prompt file not found: {path}", "Check the path; the file holds one prompt per line.")
         try:
@@ -214,7 +224,7 @@ def generate_ids(gen: Generator, prompt_ids: list[int], config, *, adapter: bool
     import contextlib
 
     import torch
-    from transformers import set_seed
+    from transformers import LogitsProcessorList, set_seed
 
     device = next(gen.model.parameters()).device
     ids = torch.tensor([prompt_ids], device=device)
@@ -223,9 +233,32 @@ def generate_ids(gen: Generator, prompt_ids: list[int], config, *, adapter: bool
     off = gen.model.disable_adapter() if (gen.has_adapter and not adapter) else contextlib.nullcontext()
     with off, torch.no_grad():
         out = gen.model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config, streamer=streamer
+            input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config, streamer=streamer,
+            logits_processor=LogitsProcessorList([FiniteLogits(adapter)]),
         )
     return out[0, len(prompt_ids):].tolist()
+
+
+class FiniteLogits:
+    """A logits processor that stops generation at the first NaN/+inf logit: sampling would die in
+    torch.multinomial with a traceback, and greedy would silently emit the NaN's token id. It runs
+    after top-k/top-p, which set -inf on purpose, so only rows with no finite logit at all count."""
+
+    def __init__(self, adapter: bool):
+        self.adapter = adapter
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        if torch.isnan(scores).any() or torch.isposinf(scores).any() or not torch.isfinite(scores).any(-1).all():
+            if self.adapter:
+                raise NonFiniteOutput(
+                    "the adapter's outputs are not finite (NaN or inf): the adapter is broken (its training diverged)",
+                    "Retrain with a lower train.lr; --base runs the base model without the adapter.",
+                )
+            raise NonFiniteOutput("the model's outputs are not finite (NaN or inf)",
+                                  "Its weights may be broken, or overflow in their dtype.")
+        return scores
 
 
 def run_generate(
@@ -274,6 +307,8 @@ def run_generate(
     results = []
     for text in prompts:
         prompt_ids = encode_prompt(gen.tokenizer, text, chat=use_chat, system_prompt=gen.system_prompt if use_chat else None)
+        if not prompt_ids:  # e.g. text the tokenizer drops entirely
+            raise LoraError(f"the prompt {text!r} encodes to no tokens", "Pass some text to continue.")
         if context and len(prompt_ids) + max_new_tokens > context:
             if len(prompt_ids) >= context:
                 raise LoraError(f"the prompt is {len(prompt_ids)} tokens, the model's context is {context}",

@@ -24,6 +24,7 @@ plain transformers loads it back.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,14 +68,31 @@ def info(message: str) -> None:
 # --------------------------------------------------------------------------- checks before any work
 
 
-def check_output(output: Path, run_root: Path, *, overwrite: bool) -> None:
-    """Refuse to clobber anything but an earlier merged model, and that only with --overwrite."""
+# Written into every merged model: what `lora merge` wrote there, so that --overwrite replaces
+# only its own output (never a base model, a hub snapshot or a directory a user filled).
+MARKER = "lora_merge.json"
+# Merged models written before the marker existed carry this line of model_card().
+CARD_MARK = "The LoRA adapter of the run `"
+
+
+def check_output(output: Path, paths, *, overwrite: bool, base_dir: Path | None = None) -> None:
+    """Refuse to clobber anything but an earlier merged model, and that only with --overwrite.
+
+    `base_dir` is the run's base model directory (a local source): never written over, nor
+    a directory holding it, even with --overwrite (the run would silently load the merged model as its base).
+    """
     out = output.resolve()
-    root = run_root.resolve()
-    if out == root or out == (root / "adapter") or root.is_relative_to(out) or out.is_relative_to(root / "adapter"):
+    root = paths.root.resolve()
+    inside = [root / "adapter", root / "checkpoints"]
+    if out == root or root.is_relative_to(out) or any(out.is_relative_to(d) for d in inside):
         raise RunDirError(
-            f"--output {output} would replace the run (or its adapter)",
-            f"Write the merged model to its own directory, e.g. {run_root / 'merged'} (the default).",
+            f"--output {output} would replace the run (or its adapter or checkpoints)",
+            f"Write the merged model to its own directory, e.g. {paths.merged} (the default).",
+        )
+    if base_dir is not None and base_dir.resolve().is_relative_to(out):
+        raise RunDirError(
+            f"--output {output} would replace the run's base model ({base_dir})",
+            f"Write the merged model to its own directory, e.g. {paths.merged} (the default).",
         )
     if not output.exists():
         return
@@ -87,11 +105,33 @@ def check_output(output: Path, run_root: Path, *, overwrite: bool) -> None:
             f"{output} already exists",
             "Pass --overwrite to replace it, or --output DIR to write the merged model elsewhere.",
         )
-    if not (output / "config.json").is_file():
+    foreign = files_merge_did_not_write(output)
+    if foreign is None:
         raise RunDirError(
-            f"{output} is not empty and is not a model directory (no config.json); refusing to replace it",
-            "Choose another --output.",
+            f"{output} is not a model written by `lora merge`; refusing to replace it",
+            "--overwrite replaces only an earlier merged model: choose another --output.",
         )
+    if foreign:
+        raise RunDirError(
+            f"{output} holds files `lora merge` did not write ({', '.join(foreign[:5])}"
+            f"{', ...' if len(foreign) > 5 else ''}); refusing to replace it",
+            "Move them out of the directory first, or choose another --output.",
+        )
+
+
+def files_merge_did_not_write(directory: Path) -> list[str] | None:
+    """Names in `directory` that an earlier merge did not write; None if no merge wrote it."""
+    try:
+        written = set(json.loads((directory / MARKER).read_text(encoding="utf-8"))["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        written = None
+    if written is None:  # an older merge (no marker): recognised by its model card
+        try:
+            card = (directory / "README.md").read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return None
+        return [] if CARD_MARK in card and (directory / "config.json").is_file() else None
+    return sorted(p.name for p in directory.iterdir() if p.name not in written and p.name != MARKER)
 
 
 def resolve_merge_dtype(dtype: str | None, trained_dtype: str) -> str:
@@ -137,6 +177,19 @@ def max_abs_diff(a: list, b: list) -> float:
 
 def logit_scale(logits: list) -> float:
     return max(1.0, max(float(x.abs().max()) for x in logits))
+
+
+def check_finite_logits(logits: list, what: str) -> None:
+    """A diverged adapter can have finite weights and still give NaN/inf outputs: say so, rather
+    than let a NaN difference read as a mismatch between adapter and base."""
+    import torch
+
+    if not all(bool(torch.isfinite(x).all()) for x in logits):
+        raise MergeError(
+            f"the outputs of {what} are non-finite (NaN or inf) on the probe inputs: the adapter is "
+            "broken (its training diverged); nothing was saved",
+            "Retrain with a lower train.lr (`lora runs` and the run's metrics.jsonl show where the loss went bad).",
+        )
 
 
 def check_finite(model, what: str) -> None:
@@ -230,7 +283,10 @@ def run_merge(
         onto = onto or "quantized"
     out_dtype = resolve_merge_dtype(dtype, recipe.model.dtype)
     output = Path(output) if output is not None else paths.merged
-    check_output(output, paths.root, overwrite=overwrite)
+    # A local base directory is model.name itself (resolve_model_source); found here without
+    # converting a GGUF first, so the checks stay instant (a GGUF cache has no merge marker).
+    base_dir = Path(recipe.model.name).expanduser()
+    check_output(output, paths, overwrite=overwrite, base_dir=base_dir if base_dir.is_dir() else None)
 
     from lora_cli.train import quiet_libraries
 
@@ -261,6 +317,7 @@ def run_merge(
         qmodel = load_adapter(qbase, paths.adapter)
         probes = probe_inputs(tokenizer, qmodel.config.vocab_size)
         trained_logits = probe_logits(qmodel, probes)
+        check_finite_logits(trained_logits, f"the {quantization} base + adapter")
         del qmodel, qbase
 
     full = dataclasses.replace(recipe.model, quantization="none", dtype="float32")
@@ -275,6 +332,7 @@ def run_merge(
     reference = probe_logits(model, probes)  # float32 base (dequantized or not) + adapter, unmerged
     ref_name = {None: "base + adapter", "quantized": f"dequantized {quantization} base + adapter",
                 "original": "original float32 base + adapter"}[onto]
+    check_finite_logits(reference, ref_name)
     scale = logit_scale(reference)
     if onto == "original":
         changed = max_abs_diff(reference, trained_logits)
@@ -355,6 +413,9 @@ def run_merge(
                 "Use --dtype float32 (or bfloat16 if float16 overflows).",
             )
         (tmp / "README.md").write_text(model_card(paths, recipe, source.description, onto, out_dtype, saved_diff), encoding="utf-8")
+        marker = {"run": str(paths.root), "base": source.description, "dtype": out_dtype, "onto": onto,
+                  "files": sorted(p.name for p in tmp.iterdir())}
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
     print(f"merged model saved to {output} ({out_dtype})")
     return MergeResult(output, out_dtype, onto, diff, saved_diff, saved_tolerance)
 
@@ -387,7 +448,7 @@ def model_card(paths, recipe, base: str, onto: str | None, dtype: str, diff: flo
     return (
         "---\nlibrary_name: transformers\n---\n\n"
         f"# {paths.root.name} (merged)\n\n"
-        f"The LoRA adapter of the run `{paths.root}` folded {how}, saved as a plain transformers "
+        f"{CARD_MARK}{paths.root}` folded {how}, saved as a plain transformers "
         f"model ({dtype}); it needs no peft.\n\n"
         f"- base model: {base}\n- LoRA: r={recipe.lora.r}, alpha={recipe.lora.alpha:g}, "
         f"target_modules={recipe.lora.target_modules}\n"

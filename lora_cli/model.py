@@ -355,7 +355,7 @@ def lora_config(lora: LoraSection):
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
+        target_modules=peft_target_modules(lora.target_modules),
         bias=lora.bias,
         use_dora=lora.use_dora,
         use_rslora=lora.use_rslora,
@@ -364,12 +364,33 @@ def lora_config(lora: LoraSection):
     )
 
 
+def peft_target_modules(target: str | list[str]) -> str | list[str]:
+    """PEFT reads a string as a regular expression over full module paths, so `c_attn` alone
+    matches nothing; a plain name means what a user writes it for: the modules of that name.
+    A string with regex characters stays a regex."""
+    if isinstance(target, str) and target != "all-linear" and re.fullmatch(r"[\w.]+", target):
+        return [target]
+    return target
+
+
+def check_modules_to_save(model, names: list[str]) -> None:
+    """PEFT silently ignores a `modules_to_save` name that matches no module: a misspelt
+    `lm_head` would train nothing extra and nobody would notice."""
+    paths = [path for path, _ in model.named_modules()]
+    missing = [name for name in names if not any(p == name or p.endswith("." + name) for p in paths)]
+    if missing:
+        short = sorted({p.rsplit(".", 1)[-1] for p in paths if p and not any(c.isdigit() for c in p)})
+        raise ModelError(f"lora.modules_to_save: {', '.join(missing)} not found in the model",
+                         f"Names of this model's modules outside its layers: {', '.join(short)}")
+
+
 def attach_lora(model, lora: LoraSection, *, quantized: bool, gradient_checkpointing: bool):
     """Wrap the base in a PeftModel with a fresh adapter; only the adapter is trainable."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     # With a KV cache the packed examples can attend to each other (measured: DESIGN.md §7).
     model.config.use_cache = False
+    check_modules_to_save(model, lora.modules_to_save)
     if quantized:
         model = prepare_model_for_kbit_training(
             model,
@@ -402,8 +423,49 @@ def linear_module_names(model) -> set[str]:
     return names
 
 
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
 def load_adapter(base, adapter_dir: Path, *, trainable: bool = False):
-    """A trained adapter on a loaded base (the base weights are not modified)."""
+    """A trained adapter on a loaded base (the base weights are not modified).
+
+    A damaged adapter directory or one trained on another model is a bad input: it is reported
+    naming the directory and what is wrong, not as the library's traceback.
+    """
+    import json
+
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
+    from lora_cli.errors import is_out_of_memory
+
+    adapter_dir = Path(adapter_dir)
+    base_name = getattr(base.config, "_name_or_path", "") or type(base).__name__
+    # Without its weights file peft takes the directory for a hub id and fails with a Hub error.
+    if not any((adapter_dir / name).is_file() for name in ADAPTER_WEIGHTS):
+        raise ModelError(f"{adapter_dir}: the adapter has no weights ({ADAPTER_WEIGHTS[0]} is missing)",
+                         _ADAPTER_DAMAGED_HINT)
+    try:
+        return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
+    except Exception as e:
+        if is_out_of_memory(e):
+            raise
+        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        if isinstance(e, json.JSONDecodeError):
+            message, hint = f"adapter_config.json is not valid JSON ({detail})", _ADAPTER_DAMAGED_HINT
+        elif type(e).__name__ == "SafetensorError":
+            message, hint = f"the adapter weights are damaged or truncated ({detail})", _ADAPTER_DAMAGED_HINT
+        elif type(e).__name__ == "NoMatchingPeftModuleError" or "size mismatch" in str(e):
+            if "size mismatch" in str(e):  # the first differing tensor says enough
+                detail = next(line.strip() for line in str(e).splitlines() if "size mismatch" in line)[:300]
+            else:  # peft lists every full module path; the short names say which architecture
+                names = sorted({m.rsplit(".", 1)[-1] for m in re.findall(r"'([\w.]+)'", str(e))})
+                detail = f"the layers it adapts ({', '.join(names)}) are not in that model"
+            message = f"the adapter does not fit the base model {base_name}: {detail}"
+            hint = "The adapter was trained on another model: check model.name in the run's recipe.yaml."
+        else:
+            message, hint = f"cannot load the adapter ({type(e).__name__}: {detail})", _ADAPTER_DAMAGED_HINT
+        raise ModelError(f"{adapter_dir}: {message}", hint) from None
+
+
+_ADAPTER_DAMAGED_HINT = ("Restore the adapter's files from a backup (the run's checkpoints/checkpoint-N, if any, "
+                         "hold the adapter as of step N), or train the run again.")

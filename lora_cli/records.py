@@ -10,6 +10,7 @@ Only the standard library is imported at module level (the CLI must start fast).
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
 import re
@@ -86,6 +87,11 @@ def load_with_locations(spec: str | Path | list) -> tuple[list[dict], list[str]]
 def _load_one(spec: str) -> tuple[list[dict], list[str]]:
     path = Path(spec).expanduser()
     if not path.exists():
+        # `data/chat` for data/chat.jsonl would otherwise be tried on the hub (slow retries, then
+        # an error about the hub)
+        near = sorted(str(p) for p in path.parent.glob(f"{glob.escape(path.name)}.*") if p.suffix.lower() in _LOADERS)
+        if near:
+            raise DataError(f"data file not found: {spec}", f"did you mean {' or '.join(near)}? Data files need their extension")
         if _looks_like_hub_id(spec):
             return _load_hub(spec)
         raise DataError(
@@ -105,7 +111,8 @@ def _load_one(spec: str) -> tuple[list[dict], list[str]]:
         )
     records, where = loader(path, spec)
     if not records:
-        raise DataError(f"{spec}: no rows (the file is empty)", "add rows to the file, or remove it from the list")
+        empty = "only a header" if path.suffix.lower() in (".csv", ".tsv") and path.read_text(errors="replace").strip() else "the file is empty"
+        raise DataError(f"{spec}: no rows ({empty})", "add rows to the file, or leave it out of the data")
     return records, where
 
 

@@ -10,15 +10,39 @@ import json
 from pathlib import Path
 
 from lora_cli.errors import RunDirError
+from lora_cli.runs import run_dirs, run_json_problem, run_started
 
 COLUMNS = ("name", "status", "base_model", "steps", "train_loss", "eval_loss", "eval_change", "created_at")
 
 
 def _read_json(path: Path) -> dict:
-    with contextlib.suppress(OSError, json.JSONDecodeError):
+    with contextlib.suppress(OSError, ValueError):
         data = json.loads(path.read_text(encoding="utf-8"))
         return data if isinstance(data, dict) else {}
     return {}
+
+
+def _run_info(path: Path) -> tuple[dict, str | None]:
+    """run.json's fields of the right type, and what is wrong with it (None: nothing)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}, None
+    except (OSError, ValueError):
+        return {}, "run.json is not valid JSON"
+    problem = run_json_problem(data)
+    if not isinstance(data, dict):
+        return {}, problem
+    # Keep what is usable: a field of the wrong type is dropped, not fatal.
+    kinds = {"model": dict, "final": dict, "status": str, "created_at": str}
+    return {k: v for k, v in data.items() if k not in kinds or isinstance(v, kinds[k])}, problem
+
+
+def _newest_checkpoint_step(root: Path) -> int | None:
+    from lora_cli.checkpoints import complete_checkpoints
+
+    complete = complete_checkpoints(root / "checkpoints")
+    return complete[-1][0] if complete else None
 
 
 def _last_logged(metrics: Path) -> dict:
@@ -28,6 +52,8 @@ def _last_logged(metrics: Path) -> dict:
         for line in metrics.read_text(encoding="utf-8").splitlines():
             with contextlib.suppress(json.JSONDecodeError):
                 row = json.loads(line)
+                if not isinstance(row, dict):
+                    continue
                 if "step" in row:
                     last["steps"] = row["step"]
                 if "loss" in row:
@@ -36,26 +62,32 @@ def _last_logged(metrics: Path) -> dict:
 
 
 def run_summary(root: Path) -> dict:
-    info = _read_json(root / "run.json")
+    info, problem = _run_info(root / "run.json")
     final = info.get("final") or {}
     logged = _last_logged(root / "metrics.jsonl")
+    # An interrupted run saved a checkpoint at the step it reached, often after the last log line.
+    saved_step = _newest_checkpoint_step(root)
+    last = logged.get("steps")
+    if saved_step is not None and not (isinstance(last, (int, float)) and last >= saved_step):
+        logged["steps"] = saved_step
     evaluated = _read_json(root / "eval.json")
     change = None
-    if "base" in evaluated and "adapter" in evaluated:
+    if isinstance(evaluated.get("base"), dict) and isinstance(evaluated.get("adapter"), dict):
         base, adapter = evaluated["base"].get("loss"), evaluated["adapter"].get("loss")
         if isinstance(base, (int, float)) and isinstance(adapter, (int, float)):
             change = {"base_loss": base, "adapter_loss": adapter, "change": adapter - base}
     return {
         "name": root.name,
         "path": str(root),
-        "status": info.get("status", "unknown"),
+        "status": "broken" if problem else info.get("status", "unknown"),
+        "problem": problem,
         "base_model": (info.get("model") or {}).get("name"),
         "steps": final.get("global_step", logged.get("steps")),
         "train_loss": final.get("train_loss", logged.get("train_loss")),
         "eval_loss": final.get("eval_loss"),
         "eval_change": change,
         "created_at": info.get("created_at"),
-        "created_at_unix": info.get("created_at_unix", (root / "run.json").stat().st_mtime if (root / "run.json").exists() else 0),
+        "created_at_unix": run_started(root),  # the order find_latest_run picks the latest by
     }
 
 
@@ -64,8 +96,7 @@ def list_runs(directory: Path) -> list[dict]:
     directory = Path(directory)
     if not directory.is_dir():
         raise RunDirError(f"no run directory {directory}", "Train a run with `lora train RECIPE`, or pass --dir.")
-    roots = [p for p in directory.iterdir() if p.is_dir() and ((p / "run.json").is_file() or (p / "recipe.yaml").is_file())]
-    return sorted((run_summary(r) for r in roots), key=lambda r: (r["created_at_unix"] or 0, r["name"]))
+    return sorted((run_summary(r) for r in run_dirs(directory)), key=lambda r: (r["created_at_unix"], r["name"]))
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -100,4 +131,7 @@ def run_list(directory: Path, *, as_json: bool = False) -> list[dict]:
     if not console.is_terminal:  # piped: full lines rather than the 80-column default
         console = Console(highlight=False, width=250)
     console.print(table)
+    for r in runs:
+        if r["problem"]:
+            console.print(f"{r['name']}: broken run.json ({r['problem']})", markup=False)
     return runs

@@ -131,11 +131,33 @@ def _exchange(a: Path, b: Path) -> bool:
 
 def read_run_json(paths: RunPaths) -> dict:
     try:
-        return json.loads(paths.run_json.read_text(encoding="utf-8"))
+        data = json.loads(paths.run_json.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
-    except json.JSONDecodeError:
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
         raise RunDirError(f"{paths.run_json} is not valid JSON", "Restore it or start a new run.") from None
+    problem = run_json_problem(data)
+    if problem:  # its readers index into it: a clear error now rather than an AttributeError later
+        raise RunDirError(f"{paths.run_json} is not a lora run.json: {problem}", "Restore it or start a new run.")
+    return data
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def run_json_problem(data: Any) -> str | None:
+    """Why parsed run.json content does not have the shape we write (None when it does)."""
+    if not isinstance(data, dict):
+        return f"it holds {_json_type(data)}, not an object"
+    for key in ("model", "data", "final"):
+        if key in data and not isinstance(data[key], dict):
+            return f"its {key!r} is {_json_type(data[key])}, not an object"
+    created = data.get("created_at_unix")
+    if "created_at_unix" in data and (isinstance(created, bool) or not isinstance(created, (int, float))):
+        return f"its 'created_at_unix' is {_json_type(created)}, not a number"
+    return None
 
 
 def load_run_recipe(paths: RunPaths):
@@ -143,7 +165,38 @@ def load_run_recipe(paths: RunPaths):
     the adapter was trained on it."""
     from lora_cli.config import load_recipe
 
-    return with_run_dtypes(load_recipe(paths.recipe), paths)
+    return with_run_dtypes(with_run_paths(load_recipe(paths.recipe), paths), paths)
+
+
+def with_run_paths(recipe, paths: RunPaths):
+    """`recipe` with the paths it names as they were when the run trained: the base model at the
+    absolute path recorded then (an error if it is gone, not a hub lookup of a relative path), and
+    relative data paths against the directory training ran in, where they still exist there."""
+    import dataclasses
+
+    record = read_run_json(paths)
+    model = record.get("model") if isinstance(record.get("model"), dict) else {}
+    if model.get("local_path") and not Path(recipe.model.name).expanduser().is_absolute():
+        if not Path(model["local_path"]).exists():
+            raise RunDirError(
+                f"the base model of run {paths.root} is gone: {model['local_path']} no longer exists",
+                "Restore it there (the adapter only works on the base it was trained on).",
+            )
+        recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, name=model["local_path"]))
+    working_dir = record.get("working_dir")
+    if not isinstance(working_dir, str):
+        return recipe
+
+    def anchored(spec):
+        if isinstance(spec, list):
+            return [anchored(item) for item in spec]
+        if not isinstance(spec, str) or Path(spec).expanduser().is_absolute():
+            return spec
+        there = Path(working_dir) / spec
+        return str(there) if there.exists() else spec
+
+    data = dataclasses.replace(recipe.data, train=anchored(recipe.data.train), validation=anchored(recipe.data.validation))
+    return dataclasses.replace(recipe, data=data)
 
 
 def with_run_dtypes(recipe, paths: RunPaths):
@@ -168,51 +221,177 @@ def update_run_json(paths: RunPaths, **fields: Any) -> dict:
 # --------------------------------------------------------------------------- creating and finding runs
 
 
-def prepare_run_dir(output_dir: str | Path, *, resume: bool, overwrite: bool) -> RunPaths:
+# What `lora` itself writes into a run directory (train, eval, merge); hidden temporaries of these
+# (".run.json.x.tmp", ".adapter.old-1") too. Anything else was put there by someone else.
+RUN_ENTRIES = ("recipe.yaml", "run.json", "metrics.jsonl", "adapter", "checkpoints", "merged", "eval.json",
+               "loss.png", "tensorboard")
+
+
+def prepare_run_dir(output_dir: str | Path, *, resume: bool, overwrite: bool, keep=()) -> RunPaths:
     """Check the output directory against --resume / --overwrite and create it.
 
     A non-empty directory is never reused silently: --resume continues it, --overwrite replaces it.
+    Only a run of ours is ever deleted, never one still training, never the current directory, and
+    never one holding a file in `keep` (the recipe, data and model this run reads) or anything else
+    `lora` did not write. A run that stopped before its first step holds nothing and is started again.
     """
-    paths = RunPaths(Path(output_dir))
-    exists = paths.root.exists() and any(paths.root.iterdir())
     if resume and overwrite:
         raise RunDirError("--resume and --overwrite cannot be used together", "Pick one.")
+    # `~/x` as a shell means it (the Trainer expands it too: without this the checkpoints would go
+    # to $HOME/x and everything else to a literal ./~/x).
+    paths = RunPaths(Path(output_dir).expanduser())
+    _refuse_a_file(paths.root)
+    exists = paths.root.is_dir() and any(paths.root.iterdir())
     if resume:
         if not exists:
             raise RunDirError(
                 f"nothing to resume: {paths.root} does not exist or is empty",
                 "Drop --resume to start the run.",
             )
+        _refuse_if_training(paths, "resume")
         return paths
     if exists:
-        if not overwrite:
+        _refuse_if_training(paths, "replace")
+        empty_handed = _stopped_before_first_step(paths)
+        if not overwrite and not empty_handed:
             raise RunDirError(
                 f"the run directory {paths.root} already exists",
                 "Use --resume to continue it, --overwrite to replace it, "
                 "or set output_dir (e.g. output_dir=runs/other) for a new run.",
             )
-        if not paths.run_json.exists() and not paths.recipe.exists():
-            raise RunDirError(
-                f"{paths.root} is not empty and is not a lora run directory; refusing to delete it",
-                "Choose another output_dir.",
-            )
-        shutil.rmtree(paths.root)
-    paths.root.mkdir(parents=True, exist_ok=True)
+        _check_deletable(paths, keep)
+        if empty_handed and not overwrite:
+            status = (_our_run_json(paths) or {}).get("status", "unknown")
+            print(f"{paths.root}: the earlier run stopped before its first step (status {status}, nothing saved); starting again")
+        try:
+            shutil.rmtree(paths.root)
+        except OSError as e:
+            raise RunDirError(f"cannot delete {paths.root}: {e.strerror or e}", "Check its permissions, or choose another output_dir.") from None
+    try:
+        paths.root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"cannot create output_dir {paths.root}: {e.strerror or e}", "Choose another output_dir.") from None
     return paths
 
 
-def find_latest_run(root: Path = RUNS_ROOT) -> RunPaths | None:
-    """The run under `root` whose run.json was created most recently."""
-    if not root.is_dir():
+def _refuse_a_file(root: Path) -> None:
+    """output_dir, or the nearest part of it that exists, must be a directory."""
+    for part in (root, *root.parents):
+        if part.exists():
+            if not part.is_dir():
+                where = "is a file" if part == root else f"is under {part}, which is a file"
+                raise RunDirError(f"output_dir {root} {where}, not a directory",
+                                  "Set output_dir to a directory (created if missing), e.g. output_dir=runs/NAME.")
+            return
+
+
+def _our_run_json(paths: RunPaths) -> dict | None:
+    """run.json's content when it is recognisably one `lora train` wrote, else None."""
+    try:
+        data = json.loads(paths.run_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
-    candidates = []
-    for run_json in root.glob("*/run.json"):
-        with contextlib.suppress(OSError, json.JSONDecodeError):
-            data = json.loads(run_json.read_text(encoding="utf-8"))
-            candidates.append((data.get("created_at_unix", run_json.stat().st_mtime), run_json.parent))
+    if run_json_problem(data) or not ({"status", "created_at_unix"} & data.keys()):
+        return None
+    return data
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    except (OSError, OverflowError):
+        return False
+    return True
+
+
+def _refuse_if_training(paths: RunPaths, action: str) -> None:
+    """A run whose process is still alive on this host is never resumed or replaced under it:
+    both processes would write the same checkpoints, metrics and run.json. A stale "running"
+    (the process is gone: killed, crashed, machine rebooted) is an interrupted run."""
+    import socket
+
+    data = _our_run_json(paths) or {}
+    pid = data.get("pid")
+    if data.get("status") != "running" or not isinstance(pid, int) or pid == os.getpid():
+        return
+    if data.get("host") not in (None, socket.gethostname()):
+        return  # another machine's process (shared disk): we cannot tell whether it is alive
+    if _pid_alive(pid):
+        raise RunDirError(
+            f"cannot {action} {paths.root}: it is still training (process {pid}, run.json status running)",
+            f"Wait for it to finish, or stop it first (`kill -INT {pid}` saves a checkpoint), then use --resume or --overwrite.",
+        )
+
+
+def _stopped_before_first_step(paths: RunPaths) -> bool:
+    """A run of ours that ended before its first optimizer step (bad data or model found after
+    the directory was made): run.json, recipe.yaml and empty leftovers, nothing worth keeping."""
+    data = _our_run_json(paths)
+    if data is None or data.get("status") == "completed":
+        return False
+    for entry in paths.root.iterdir():
+        if entry.is_symlink():
+            return False
+        if entry.name in ("run.json", "recipe.yaml"):
+            continue
+        if not (entry.is_dir() and not any(entry.iterdir())) and not (entry.is_file() and entry.stat().st_size == 0):
+            return False
+    return True
+
+
+def _check_deletable(paths: RunPaths, keep) -> None:
+    """Raise unless deleting `paths.root` loses nothing but a run of ours."""
+    root = paths.root
+    if root.is_symlink():
+        raise RunDirError(f"output_dir {root} is a symbolic link; refusing to delete through it",
+                          "Set output_dir to the directory itself, or choose another output_dir.")
+    real = root.resolve()
+    if Path.cwd().resolve().is_relative_to(real):
+        raise RunDirError(f"output_dir {root} is the current directory or holds it; refusing to delete it",
+                          "Set output_dir to a directory of its own, e.g. output_dir=runs/NAME.")
+    if _our_run_json(paths) is None:
+        raise RunDirError(f"output_dir {root} is not empty and is not a lora run directory (no run.json of ours); refusing to delete it",
+                          "Choose another output_dir, or move its contents away yourself.")
+    for item in keep:
+        if item and Path(item).expanduser().exists() and Path(item).expanduser().resolve().is_relative_to(real):
+            raise RunDirError(f"output_dir {root} holds {item}, which this run reads; refusing to delete it",
+                              f"Move {item} out of {root}, or set output_dir to another directory.")
+    foreign = sorted(e.name for e in root.iterdir()
+                     if e.name not in RUN_ENTRIES and not any(e.name.startswith(f".{name}.") for name in RUN_ENTRIES))
+    if foreign:
+        listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise RunDirError(f"output_dir {root} holds files that `lora` did not write ({listed}); refusing to delete them",
+                          f"Move them out of {root}, or choose another output_dir.")
+
+
+def run_started(root: Path) -> float:
+    """When a run started (run.json's created_at_unix); for a run.json that is missing, unreadable
+    or of the wrong shape, when its directory last changed: such a run still counts as recent."""
+    data = _our_run_json(RunPaths(root))
+    if data is not None and data.get("created_at_unix") is not None:
+        return float(data["created_at_unix"])
+    with contextlib.suppress(OSError):
+        return root.stat().st_mtime
+    return 0.0
+
+
+def run_dirs(root: Path) -> list[Path]:
+    """The run directories under `root`: those with a run.json or a recipe.yaml."""
+    if not root.is_dir():
+        return []
+    return [p for p in root.iterdir() if p.is_dir() and ((p / "run.json").is_file() or (p / "recipe.yaml").is_file())]
+
+
+def find_latest_run(root: Path = RUNS_ROOT) -> RunPaths | None:
+    """The run under `root` that started most recently (the one `lora runs` lists last)."""
+    candidates = [(run_started(p), p.name, p) for p in run_dirs(root)]
     if not candidates:
         return None
-    return RunPaths(max(candidates)[1])
+    return RunPaths(max(candidates)[2])
 
 
 def resolve_run(run: str | Path | None, *, need_adapter: bool = True) -> RunPaths:
@@ -225,8 +404,18 @@ def resolve_run(run: str | Path | None, *, need_adapter: bool = True) -> RunPath
                 "Train one with `lora train RECIPE`, or name a run directory (e.g. runs/my-run).",
             )
         print(f"using the latest run: {paths.root}", file=sys.stderr)
+        # A broken latest run is named, never silently passed over for an older one.
+        try:
+            if not paths.run_json.is_file():
+                raise RunDirError(f"{paths.run_json} is missing")
+            read_run_json(paths)
+        except RunDirError as e:
+            raise RunDirError(
+                f"the latest run {paths.root} is broken: {e.message}",
+                f"Name the run to use (`lora runs` lists them), or repair or remove {paths.root}.",
+            ) from None
     else:
-        paths = RunPaths(Path(run))
+        paths = RunPaths(Path(run).expanduser())
         if not paths.root.is_dir():
             raise RunDirError(f"run directory {paths.root} does not exist", "Check the path (runs live under ./runs).")
         if not paths.recipe.is_file():

@@ -150,8 +150,9 @@ def training_arguments(recipe: Recipe, paths: RunPaths, *, has_validation: bool)
         learning_rate=t.lr,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
-        lr_scheduler_type=t.scheduler,
-        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        # `constant` is the schedule after warm-up (recipe help): with a warm-up, warm up first.
+        lr_scheduler_type="constant_with_warmup" if t.scheduler == "constant" and t.warmup_ratio > 0 else t.scheduler,
+        warmup_steps=t.warmup_ratio,  # a ratio of the total steps (< 1); LoraTrainer.create_scheduler rounds it
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         gradient_checkpointing=t.gradient_checkpointing,
@@ -179,14 +180,57 @@ def training_arguments(recipe: Recipe, paths: RunPaths, *, has_validation: bool)
 
 def make_trainer_class():
     """Trainer + token counting + a guard against non-finite losses (built lazily: heavy import)."""
+    import json
+
     import torch
     from transformers import Trainer
+
+    RUN_LOSS_FILE = "lora_run_loss.json"  # in each checkpoint: the loss book of the steps before it
 
     class LoraTrainer(Trainer):
         tokens = None  # TokenCounter
         max_nonfinite_steps = 3
         use_chunked_loss = True  # lora_cli/loss.py where exact; False: the model's own loss
         _nonfinite_in_a_row = 0
+
+        # Our own loss book, per optimizer step (the sum of its micro-batches' losses): the Trainer's
+        # running loss counts a skipped step as 0 and starts again at 0 on --resume.
+        _step = None  # the optimizer step the current micro-batches belong to
+        _step_loss = 0.0
+        _step_bad = None  # its first non-finite micro-batch loss: the whole step is skipped
+        _last_bad_step = None
+        _last_step_finite = True
+
+        def train(self, resume_from_checkpoint=None, **kwargs):
+            self._window = []  # (loss, finite) of the steps since the last log
+            self.run_loss = [0.0, 0, 0]  # the whole run: sum of finite step losses, their count, skipped steps
+            if isinstance(resume_from_checkpoint, str):
+                saved = Path(resume_from_checkpoint) / RUN_LOSS_FILE  # absent in older checkpoints
+                if saved.is_file():
+                    self.run_loss = json.loads(saved.read_text(encoding="utf-8"))["run_loss"]
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            # The Trainer rounds a warm-up ratio up (ceil(0.03 * 1) = 1) and warm-up starts at lr 0:
+            # a short run could learn nothing at all. Round to nearest, and always leave a step after it.
+            ratio = self.args.warmup_steps
+            warmup = math.floor(num_training_steps * ratio + 0.5) if ratio < 1 else int(ratio)
+            self.args.warmup_steps = max(0, min(warmup, num_training_steps - 1))
+            try:
+                return super().create_scheduler(num_training_steps, optimizer)
+            finally:
+                self.args.warmup_steps = ratio
+
+        def _close_step(self):
+            """Book the current optimizer step once the Trainer has counted it."""
+            if self._step is None or self.state.global_step < self._step:
+                return
+            finite = self._step_bad is None
+            self._window.append((self._step_loss if finite else self._step_bad, finite))
+            total, good, skipped = self.run_loss
+            self.run_loss = [total + self._step_loss, good + 1, skipped] if finite else [total, good, skipped + 1]
+            self._last_step_finite = finite
+            self._step = None
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             inputs = dict(inputs)
@@ -205,12 +249,21 @@ def make_trainer_class():
                     counts = [int(n) for n in summed.tolist()]
                 self.tokens.add(*counts)
             loss = super().training_step(model, inputs, num_items_in_batch)
-            if torch.isfinite(loss).all():
-                self._nonfinite_in_a_row = 0
+            step = self.state.global_step + 1  # the optimizer step this micro-batch belongs to
+            if step != self._step:
+                self._close_step()
+                self._step, self._step_loss, self._step_bad = step, 0.0, None
+            if self._step_bad is None and torch.isfinite(loss).all():
+                self._step_loss += float(loss)
                 return loss
-            # Drop this step's gradients so the weights stay finite; stop if it keeps happening.
+            # Drop the gradients of this step (of all its micro-batches) so the weights stay finite;
+            # stop if it keeps happening.
             model.zero_grad(set_to_none=True)
-            self._nonfinite_in_a_row += 1
+            if self._step_bad is not None:
+                return torch.zeros_like(loss)  # a later micro-batch of a step already skipped
+            self._step_bad = float(loss)
+            self._nonfinite_in_a_row = self._nonfinite_in_a_row + 1 if self._last_bad_step == step - 1 else 1
+            self._last_bad_step = step
             if self._nonfinite_in_a_row >= self.max_nonfinite_steps:
                 lr = self.lr_scheduler.get_last_lr()[0] if self.lr_scheduler else float("nan")
                 raise TrainingError(
@@ -219,7 +272,70 @@ def make_trainer_class():
                     "no weights were saved from the bad steps",
                     "Lower train.lr, check the data for empty or broken rows, or use dtype float32.",
                 )
+            # The Trainer adds this to its running loss: 0 keeps that finite, and log() below reports
+            # the step as skipped with its real loss.
             return torch.zeros_like(loss)
+
+        def log(self, logs, start_time=None):
+            if "loss" in logs:
+                self._close_step()
+                window, self._window = self._window, []
+                skipped = [loss for loss, finite in window if not finite]
+                if skipped:  # the Trainer averaged them in as 0: log the real steps' mean, or nan / inf
+                    good = [loss for loss, finite in window if finite]
+                    logs["loss"] = sum(good) / len(good) if good else skipped[-1]
+                    logs["skipped_steps"] = len(skipped)
+                    if not window[-1][1]:
+                        logs["grad_norm"] = float("nan")  # its gradients were dropped, not measured as 0
+            super().log(logs, start_time)
+
+        def _reduced_run_loss(self) -> list[float]:
+            """run_loss averaged over the processes (every rank must call it)."""
+            self._close_step()
+            if self.accelerator.num_processes == 1:
+                return list(self.run_loss)
+            totals = torch.tensor(self.run_loss, dtype=torch.float64, device=self.args.device)
+            return self.accelerator.reduce(totals, reduction="mean").tolist()
+
+        def run_train_loss(self) -> tuple[float, int]:
+            """The whole run's mean loss over its finite steps (across --resume), and the skipped steps."""
+            total, good, skipped = self._reduced_run_loss()
+            return (total / good if good else float("nan")), round(skipped)
+
+        def check_finite_result(self, final: dict) -> None:
+            """Refuse (exit 1) to save a run as completed whose adapter is broken: non-finite weights,
+            no finite step at all, or a final loss that is not finite (the eval loss where there is
+            validation, else the last step's). Every rank must call it (they all agree)."""
+            bad_tensors = 0
+            for p in self.model.parameters():
+                if p.requires_grad:
+                    local = p.detach().to_local() if hasattr(p, "to_local") else p.detach()  # FSDP shards
+                    bad_tensors += int(not torch.isfinite(local).all())
+            last_bad = int(not self._last_step_finite and "eval_loss" not in final)
+            if self.accelerator.num_processes > 1:
+                flags = self.accelerator.reduce(torch.tensor([bad_tensors, last_bad], device=self.args.device), reduction="sum")
+                bad_tensors, last_bad = flags.tolist()
+            if bad_tensors:
+                problem = f"{bad_tensors} adapter weight tensors hold NaN or inf"
+            elif not math.isfinite(final["train_loss"]):
+                problem = "the loss of every step was non-finite, so nothing was learned"
+            elif not math.isfinite(final.get("eval_loss", 0.0)):
+                problem = f"the final eval loss is {final['eval_loss']}"
+            elif last_bad:
+                problem = "the last step's loss was non-finite (the final weights give no usable loss)"
+            else:
+                if final.get("skipped_steps") and self.is_world_process_zero():
+                    skipped = final["skipped_steps"]
+                    print(f"warning: {skipped} of {self.state.global_step} steps {'was' if skipped == 1 else 'were'} skipped "
+                          "(non-finite loss); the final train loss is the mean of the others")
+                return
+            lr = self.lr_scheduler.get_last_lr()[0] if self.lr_scheduler else float("nan")
+            raise TrainingError(
+                f"training diverged: {problem} after step {self.state.global_step} (learning rate "
+                f"{lr:.3g}); the adapter was not saved",
+                "Lower train.lr (keep train.max_grad_norm > 0), check the data for empty or broken rows, "
+                "or use dtype float32; then train again with --overwrite.",
+            )
 
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
             inputs = {k: v for k, v in inputs.items() if k != REAL_TOKENS_KEY}
@@ -266,7 +382,16 @@ def make_trainer_class():
             # Staged and renamed into place: a kill or a full disk never leaves a half checkpoint-N.
             from lora_cli.checkpoints import save_checkpoint_atomically
 
-            save_checkpoint_atomically(self, super()._save_checkpoint, model, trial)
+            run_loss = self._reduced_run_loss()  # every rank, before only the main one writes it
+            save_trainer_files = super()._save_checkpoint
+
+            def save(model, trial):
+                save_trainer_files(model, trial)
+                if self.args.should_save:  # the run's loss so far: --resume reports the whole run's loss
+                    folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+                    (folder / RUN_LOSS_FILE).write_text(json.dumps({"run_loss": run_loss}), encoding="utf-8")
+
+            save_checkpoint_atomically(self, save, model, trial)
 
     return LoraTrainer
 
@@ -293,17 +418,31 @@ def run_training(recipe: Recipe, *, recipe_path: str | None, resume: bool, overw
 
     check_trackers(recipe)  # a missing tracker package fails now, not after loading the model
     distributed.init()
-    paths, checkpoint = distributed.main_first(
+    paths, checkpoint, finished = distributed.main_first(
         lambda: _open_run(recipe, recipe_path, resume=resume, overwrite=overwrite, overrides=overrides)
     )
+    if finished is not None:  # --resume of a completed run: nothing to train (_open_run said so)
+        return TrainResult(paths, None, finished)
     main = distributed.is_main()
+
+    def completed() -> bool:
+        # The adapter is saved and run.json says so: whatever stops us afterwards (a late Ctrl-C
+        # while plotting) leaves a complete run, not an "interrupted" or "failed" one.
+        try:
+            return read_run_json(paths).get("status") == "completed"
+        except (RunDirError, OSError):
+            return False
+
     try:
         return _train(recipe, paths, checkpoint)
     except Interrupted:
-        if main:
+        if main and not completed():
             update_run_json(paths, status="interrupted")
         raise
     except KeyboardInterrupt:
+        if main and completed():
+            raise Interrupted(f"interrupted after the run completed; the adapter is saved in {paths.adapter}",
+                              "Nothing to resume: the run is complete.") from None
         # Ctrl-C outside the training loop (loading the model, the final save): every save is
         # atomic, so the last complete checkpoint stands.
         if main:
@@ -313,7 +452,7 @@ def run_training(recipe: Recipe, *, recipe_path: str | None, resume: bool, overw
         ) from None
     except BaseException as e:
         lost = distributed.peer_lost(e)  # another rank died: say so instead of a gloo/NCCL traceback
-        if main:
+        if main and not completed():
             update_run_json(paths, status="failed", error=f"{type(e).__name__}: {getattr(lost or e, 'message', e)}")
         if lost is not None:
             raise lost from None
@@ -321,19 +460,46 @@ def run_training(recipe: Recipe, *, recipe_path: str | None, resume: bool, overw
 
 
 def _open_run(recipe: Recipe, recipe_path: str | None, *, resume: bool, overwrite: bool,
-              overrides: list[str] | tuple[str, ...] = ()) -> tuple[RunPaths, Path | None]:
+              overrides: list[str] | tuple[str, ...] = ()) -> tuple[RunPaths, Path | None, dict | None]:
     """Create or check the run directory, record the start and print the resolved recipe (main
-    process only: the other ranks print nothing of it)."""
+    process only: the other ranks print nothing of it). The third value is the final metrics of a
+    completed run that --resume found with nothing left to do (None: train)."""
+    import json
+    import socket
+
     import torch
 
     from lora_cli.distributed import check_engine_supports
 
     check_engine_supports(recipe.model.quantization, cuda=torch.cuda.is_available())
-    paths = prepare_run_dir(recipe.output_dir, resume=resume, overwrite=overwrite)
+    # Files this run reads: a directory holding one is never deleted to make room for the run.
+    data = recipe.data
+    keep = [recipe_path, recipe.model.name, *([data.train] if isinstance(data.train, str) else data.train),
+            *([data.validation] if isinstance(data.validation, str) else data.validation or [])]
+    paths = prepare_run_dir(recipe.output_dir, resume=resume, overwrite=overwrite, keep=keep)
     checkpoint = None
     if resume:
         check_resumable(paths, recipe)
+        record = read_run_json(paths)
+        if record.get("status") == "completed" and (paths.adapter / "adapter_config.json").is_file():
+            # Training on would run past max_steps (the schedule's end) and replace the adapter.
+            final = record.get("final") or {}
+            print(f"{paths.root} is already complete (step {final.get('global_step', '?')}): nothing to do; "
+                  f"the adapter is in {paths.adapter}")
+            return paths, None, final
         checkpoint = latest_checkpoint(paths)
+        # (a complete checkpoint's trainer_state.json parses: checkpoints.incomplete_reason)
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")) if checkpoint else {}
+        if 0 < state.get("max_steps", 0) <= state.get("global_step", 0):
+            # Stopped after its last step, before the adapter was saved (Ctrl-C on that step, disk
+            # full). The Trainer resumed there trains one step past max_steps and the schedule:
+            # redo the last stretch from the checkpoint before it instead (resume is exact).
+            from lora_cli.checkpoints import complete_checkpoints
+
+            earlier = [p for _, p in complete_checkpoints(paths.checkpoints) if p != checkpoint]
+            print(f"{checkpoint.name} is the run's last step but its adapter was not saved: "
+                  f"training again from {earlier[-1].name if earlier else 'step 0'} to save it")
+            checkpoint = earlier[-1] if earlier else None
         if checkpoint is not None:
             from lora_cli.checkpoints import check_loads_safely
 
@@ -354,9 +520,10 @@ def _open_run(recipe: Recipe, recipe_path: str | None, *, resume: bool, overwrit
     if allocator == "system" and os.environ.get("LORA_ALLOCATOR") != "system":
         print(f"tip: tcmalloc makes CPU training steps faster and leaner (make bench): {INSTALL_HINT}")
     update_run_json(
-        paths, status="running", recipe_path=recipe_path, versions=library_versions(), pid=os.getpid(), allocator=allocator
+        paths, status="running", recipe_path=recipe_path, versions=library_versions(), pid=os.getpid(),
+        host=socket.gethostname(), allocator=allocator,  # pid + host: runs.py sees whether it is still alive
     )
-    return paths, checkpoint
+    return paths, checkpoint, None
 
 
 def _train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> TrainResult:
@@ -380,10 +547,18 @@ def _train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> TrainRes
     # The main process converts a GGUF file into the shared cache once; the others reuse it.
     source = distributed.main_first(lambda: resolve_model_source(recipe.model))
     say(f"model: {source.description}, {_dtype_text(recipe.model)}")
+    from lora_cli.data import check_model_context
+
+    # data.max_length past learned positions (GPT-2): exit 2 now, not an IndexError mid-run.
+    context_warning = check_model_context(recipe.model, recipe.data.max_length)
+    if context_warning:
+        say(f"warning: {context_warning}")
     tokenizer = load_tokenizer(recipe.model, source)
     data = prepare_data(recipe.data, tokenizer, seed=recipe.train.seed, batch_size=recipe.train.batch_size)
     for line in data.report.lines():
         say(line)
+    for note in ignored_settings(recipe, data):
+        say(f"note: {note}")
     memory_line, estimate_bytes = _memory_estimate(recipe)
     say(memory_line)
     if distributed.is_distributed():
@@ -392,7 +567,9 @@ def _train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> TrainRes
         update_run_json(
             paths,
             model={"name": recipe.model.name, "source": source.description, "quantization": recipe.model.quantization,
-                   "dtype": recipe.model.dtype, "compute_dtype": recipe.model.compute_dtype},
+                   "dtype": recipe.model.dtype, "compute_dtype": recipe.model.compute_dtype,
+                   **_local_model_path(recipe.model)},
+            working_dir=os.getcwd(),  # what the recipe's relative paths meant (runs.load_run_recipe)
             data={"fingerprint": data_fingerprint(recipe.data.train), "report": _jsonable(data.report)},
         )
 
@@ -400,7 +577,8 @@ def _train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> TrainRes
     quantized = recipe.model.quantization != "none"
     model = attach_lora(base, recipe.lora, quantized=quantized, gradient_checkpointing=recipe.train.gradient_checkpointing)
     trainable, total = model.get_nb_trainable_parameters()
-    say(f"lora: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%)")
+    # (peft's total includes the adapter; the share is of the base, as `lora estimate` gives it)
+    say(f"lora: {trainable:,} trainable parameters ({100 * trainable / (total - trainable):.2f}% of the base's {total - trainable:,})")
 
     tokens = TokenCounter()
     stopper = StopOnSignalCallback()
@@ -454,13 +632,19 @@ def _train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> TrainRes
             exit_code=128 + int(stopper.received) if stopper.received != signal.SIGINT else 130,
         )
 
-    final = {"global_step": trainer.state.global_step, "train_loss": result.training_loss}
+    # The whole run's loss (result.training_loss covers only the steps since a --resume, and counts
+    # skipped non-finite steps as 0).
+    train_loss, skipped_steps = trainer.run_train_loss()
+    final = {"global_step": trainer.state.global_step, "train_loss": train_loss}
+    if skipped_steps:
+        final["skipped_steps"] = skipped_steps
     if data.validation:
         evals = [h for h in trainer.state.log_history if "eval_loss" in h]
         if evals and evals[-1].get("step") == trainer.state.global_step:
             final["eval_loss"] = evals[-1]["eval_loss"]  # the Trainer just evaluated
         else:
             final["eval_loss"] = trainer.evaluate()["eval_loss"]
+    trainer.check_finite_result(final)  # a diverged run fails (exit 1): no broken adapter saved as completed
     # FSDP / ZeRO-3 shard the weights: every rank takes part in gathering them (else None).
     state_dict = distributed.gather_full_state_dict(trainer)
     if trainer.is_world_process_zero():
@@ -501,6 +685,29 @@ def _train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> TrainRes
         print(write_loss_plot(paths.metrics, paths.root / "loss.png", title=paths.root.name))
     distributed.barrier()  # the other ranks finish when the run is complete, not before
     return TrainResult(paths, model, final)
+
+
+def ignored_settings(recipe: Recipe, data) -> list[str]:
+    """Settings this run cannot act on: said, not silently dropped (also by `lora validate`)."""
+    notes = []
+    if recipe.train.eval_every and not data.validation:
+        notes.append("train.eval_every is set but there is no validation data (data.validation or "
+                     "data.val_split): nothing will be evaluated")
+    if recipe.data.train_on_prompt and data.report.format == "text":
+        notes.append("data.train_on_prompt does nothing for text data: every token is trained on already")
+    return notes
+
+
+def _local_model_path(model) -> dict:
+    """{"local_path": absolute path} for a base read from a local directory or .gguf file, so a
+    run's eval / merge / generate load that base from anywhere, and never another model that
+    happens to sit at the same relative path there; {} for built-in names and hub ids."""
+    from lora_cli.model import BUILTIN_MODELS
+
+    path = Path(model.name).expanduser()
+    if model.name.lower() in BUILTIN_MODELS or not path.exists():
+        return {}
+    return {"local_path": str(path.resolve())}
 
 
 def _dtype_text(model) -> str:

@@ -58,27 +58,32 @@ def run_validate(
     source = resolve_model_source(recipe.model)
     print(f"model: {source.description}")
     tokenizer = load_tokenizer(recipe.model, source)
-    data = prepare_data(recipe.data, tokenizer, seed=recipe.train.seed, batch_size=recipe.train.batch_size)
+    from lora_cli.data import check_max_length
     from lora_cli.estimate import estimate as make_estimate
-    from lora_cli.estimate import estimate_lines, load_model_config, model_context
+    from lora_cli.estimate import estimate_lines, load_model_config
 
     config = load_model_config(recipe.model)
-    context = model_context(config)
-    if context is not None and recipe.data.max_length > context:
-        data.report.warnings.append(
-            f"data.max_length {recipe.data.max_length} is beyond the model's context of {context} tokens "
-            f"(max_position_embeddings): positions past it were never trained. Fix: data.max_length={context} or less"
-        )
+    # an error for learned positions (a longer row cannot run), a warning for RoPE / ALiBi
+    context_warning = check_max_length(recipe.data.max_length, config)
+    data = prepare_data(recipe.data, tokenizer, seed=recipe.train.seed, batch_size=recipe.train.batch_size)
+    if context_warning:
+        data.report.warnings.append(context_warning)
     for line in data.report.lines(full=True):
         print(line)
+    from lora_cli.train import ignored_settings
+
+    for note in ignored_settings(recipe, data):
+        print(f"note: {note}")
     if preview > 0:
         import dataclasses
 
         records, where = load_with_locations(recipe.data.train)
         cfg = dataclasses.replace(recipe.data, format=data.report.format, too_long="truncate")
         try:
-            examples, _ = tokenize_records(records[:preview], cfg, tokenizer, source="preview", where=where[:preview])
-            print_preview(examples, where[:preview], tokenizer)
+            examples, counts = tokenize_records(records[:preview], cfg, tokenizer, source="preview", where=where[:preview])
+            # Rows with nothing to train on give no example: label each example with its own row.
+            skipped = set(counts.no_supervised_where) | set(counts.dropped_where)
+            print_preview(examples, [w for w in where[:preview] if w not in skipped], tokenizer)
         except DataError:  # the first rows have nothing to train on: the report above says so
             print(f"preview: the first {preview} rows have no supervised tokens")
     if estimate:

@@ -82,6 +82,16 @@ BROKEN = [
     ("lora:\n  r: 8\n", ["train.lrr=1e-4"], ["unknown key 'train.lrr'", "did you mean 'lr'"]),
     ("lora:\n  r: 8\n", ["lora.r=0"], ["'lora.r' must be ≥ 1, got 0"]),
     ("lora:\n  r: 8\n", ["lora.r.x=1"], ["override 'lora.r.x=1': 'r' is not a section"]),
+    # nan compares false with every bound, so it needs its own check; inf is no learning rate either
+    ("train:\n  lr: .nan\n", [], ["line 2: 'train.lr' must be a finite number"]),
+    ("lora:\n  r: 8\n", ["train.lr=.inf"], ["'train.lr' must be a finite number"]),
+    ("lora:\n  r: 8\n", ["lora.dropout=nan"], ["'lora.dropout' must be a finite number"]),
+    ("lora:\n  r: 8\n", ["data.val_split=nan"], ["'data.val_split' must be a finite number"]),
+    ("lora:\n  r: 8\n", ["train.epochs=.inf"], ["'train.epochs' must be a finite number"]),
+    ("train:\n  seed: -1\n", [], ["'train.seed' must be ≥ 0 and ≤ 4294967295, got -1"]),
+    ("train:\n  seed: 99999999999\n", [], ["'train.seed' must be ≥ 0 and ≤ 4294967295"]),
+    # a bad value from the command line is not blamed on the file's line it replaced
+    ("lora:\n  r: 8\n", ["lora.r=abc"], ["command line: 'lora.r' must be an integer, got 'abc'"]),
 ]
 
 

@@ -602,3 +602,25 @@ def test_val_split_that_leaves_nothing_is_an_error(gpt2_tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": "one"}])
     with pytest.raises(DataError, match="leaving none to train on"):
         prepare_data(DataConfig(train=str(path), val_split=0.5), gpt2_tokenizer, seed=0)
+
+
+def test_a_data_path_without_its_extension_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    from lora_cli.records import load_records
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "chat.jsonl").write_text('{"text": "a"}\n')
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="data file not found: data/chat") as info:
+        load_records("data/chat")  # looks like a hub id owner/name
+    assert "did you mean data/chat.jsonl?" in info.value.hint
+
+
+def test_a_csv_with_only_a_header_is_called_that(tmp_path):
+    from lora_cli.records import load_records
+
+    (tmp_path / "h.csv").write_text("prompt,completion\n")
+    with pytest.raises(DataError, match=r"no rows \(only a header\)"):
+        load_records(str(tmp_path / "h.csv"))
+    (tmp_path / "e.csv").write_text("")
+    with pytest.raises(DataError, match=r"no rows \(the file is empty\)"):
+        load_records(str(tmp_path / "e.csv"))

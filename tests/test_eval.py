@@ -195,6 +195,11 @@ def test_eval_usage_errors(run, heldout, tmp_path, monkeypatch, capsys):
     code, _, err = lora(monkeypatch, capsys, "eval", run, "--data", text, "--exact-match")
     assert code == EXIT_USAGE and "--exact-match needs prompts" in err
 
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    code, _, err = lora(monkeypatch, capsys, "eval", run, "--data", empty)
+    assert code == EXIT_USAGE and "--data" in err and "the file is empty" in err and "the list" not in err
+
     code, _, err = lora(monkeypatch, capsys, "eval", run, "--batch-size", "0")
     assert code == EXIT_USAGE and "--batch-size" in err
 

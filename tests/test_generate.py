@@ -159,6 +159,9 @@ def test_chat_run_uses_the_chat_template(runs, capsys):
         (["--run", "RUN"], "no prompt given"),
         (["hi", "--file", "missing.txt", "--run", "RUN"], "give either PROMPT or --file"),
         (["--file", "missing.txt", "--run", "RUN"], "prompt file not found"),
+        (["--file", ".", "--run", "RUN"], "--file . is a directory, not a prompt file"),
+        (["", "--run", "RUN", "--temperature", "0"], "the prompt is empty"),  # plain text: no tokens at all
+        (["  ", "--run", "RUN"], "the prompt is empty"),
         (["hi", "--run", "RUN", "--temperature", "-1"], "--temperature must be 0"),
         (["hi", "--run", "RUN", "--top-p", "0"], "--top-p must be in (0, 1]"),
         (["hi", "--run", "RUN", "--chat"], "has no chat template"),

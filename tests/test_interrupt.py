@@ -162,6 +162,55 @@ def test_ctrl_c_during_the_final_adapter_save_leaves_no_half_adapter(tiny_gpt2, 
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["checkpoint-2"]
 
 
+def test_ctrl_c_after_the_adapter_is_saved_leaves_the_run_completed(tiny_gpt2, tmp_path, monkeypatch):
+    """A Ctrl-C while the loss plot is drawn (after the adapter and run.json say completed)."""
+    import lora_cli.plot
+    from lora_cli.errors import Interrupted
+    from lora_cli.train import run_training
+    from tests.helpers import completion_rows, tiny_recipe
+
+    def ctrl_c_while_plotting(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # the KeyboardInterrupt arrives here
+
+    monkeypatch.setattr(lora_cli.plot, "write_loss_plot", ctrl_c_while_plotting)
+    data = write_jsonl(tmp_path / "train.jsonl", completion_rows())
+    recipe = tiny_recipe(tiny_gpt2, data, tmp_path / "run", train={"max_steps": 2})
+    with pytest.raises(Interrupted) as info:
+        run_training(recipe, recipe_path=None, resume=False, overwrite=False)
+    run = tmp_path / "run"
+    assert "adapter is saved" in info.value.message and "--resume" not in (info.value.hint or "")
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "completed" and record["final"]["global_step"] == 2
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_runs_shows_the_step_an_interrupted_run_reached(tiny_gpt2, tmp_path, monkeypatch, capsys):
+    """Interrupted at step 3 between log lines (every 5 steps): `lora runs` says 3, not 1."""
+    import lora_cli.callbacks
+    from lora_cli.errors import Interrupted
+    from lora_cli.train import run_training
+    from tests.helpers import completion_rows, lora_in_process, tiny_recipe
+
+    class CtrlCAtStep3(lora_cli.callbacks.StopOnSignalCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3 and self.received is None:
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().on_step_end(args, state, control, **kwargs)
+
+    monkeypatch.setattr(lora_cli.callbacks, "StopOnSignalCallback", CtrlCAtStep3)
+    data = write_jsonl(tmp_path / "train.jsonl", completion_rows())
+    recipe = tiny_recipe(tiny_gpt2, data, tmp_path / "runs" / "int", train={"max_steps": 10, "log_every": 5})
+    with pytest.raises(Interrupted):
+        run_training(recipe, recipe_path=None, resume=False, overwrite=False)
+    monkeypatch.undo()
+    capsys.readouterr()  # the training's own output
+    code, out, err = lora_in_process(monkeypatch, capsys, "runs", "--dir", tmp_path / "runs", "--json")
+    assert code == 0, err
+    (listed,) = json.loads(out)
+    assert listed["status"] == "interrupted" and listed["steps"] == 3
+
+
 def test_a_signal_during_the_ranks_agreement_waits_for_the_next_step(monkeypatch):
     """Under DDP the ranks agree at each step's end on whether any got a signal (one all-reduce).
     A signal that arrives while a rank waits in that collective is handled as soon as it returns,

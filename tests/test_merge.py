@@ -133,9 +133,57 @@ def test_merge_refuses_to_overwrite_and_is_idempotent(runs, tmp_path):
     other = tmp_path / "notes"
     other.mkdir()
     (other / "todo.txt").write_text("keep me")
-    with pytest.raises(RunDirError, match="not a model directory"):
+    with pytest.raises(RunDirError, match="not a model written by `lora merge`"):
         run_merge(run, output=other, overwrite=True)
     assert (other / "todo.txt").read_text() == "keep me"
+
+
+def tree_digest(directory: Path) -> dict:
+    return {p.relative_to(directory).as_posix(): sha256(p) for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_merge_never_replaces_the_base_model_or_a_model_it_did_not_write(runs, tmp_path, monkeypatch, capsys):
+    """--overwrite replaces an earlier merge output only: not the run's own base model (the run would
+    then load base + adapter folded twice), nor any other model, nor files a user put beside it."""
+    import yaml
+
+    base = tmp_path / "models" / "my-llama"
+    shutil.copytree(runs["llama"], base)
+    (base / "NOTES.txt").write_text("my notes")
+    run = copy_run(runs["lora"], tmp_path)
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["model"]["name"] = str(base)
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    before = tree_digest(base)
+
+    other_model = tmp_path / "models" / "gpt2"  # a model directory, but no merge wrote it
+    shutil.copytree(runs["gpt2"], other_model)
+    (run / "checkpoints").mkdir()
+    for output, message in [(base, "would replace the run's base model"), (base.parent, "would replace the run's base model"),
+                            (run / "checkpoints" / "m", "would replace the run"), (run / "adapter" / "m", "would replace the run"),
+                            (other_model, "is not a model written by `lora merge`")]:
+        code, out, err = lora(monkeypatch, capsys, "merge", run, "-o", output, "--overwrite")
+        assert code == EXIT_USAGE, (output, err)
+        assert message in err and "hint:" in err and "Traceback" not in err, (output, err)
+    assert tree_digest(base) == before
+    assert (other_model / "config.json").is_file() and not (run / "checkpoints" / "m").exists()
+
+    # Its own output is recognised by the marker listing what it wrote...
+    out_dir = tmp_path / "merged"
+    run_merge(run, output=out_dir)
+    marker = json.loads((out_dir / "lora_merge.json").read_text())
+    assert set(marker["files"]) | {"lora_merge.json"} == {p.name for p in out_dir.iterdir()}
+    run_merge(run, output=out_dir, overwrite=True)
+    # ...and a file the user added there is not deleted.
+    (out_dir / "eval-notes.md").write_text("mine")
+    code, out, err = lora(monkeypatch, capsys, "merge", run, "-o", out_dir, "--overwrite")
+    assert code == EXIT_USAGE and "eval-notes.md" in err and "did not write" in err
+    assert (out_dir / "eval-notes.md").read_text() == "mine"
+    # A merge written before the marker existed is still recognised by its model card.
+    (out_dir / "eval-notes.md").unlink()
+    (out_dir / "lora_merge.json").unlink()
+    run_merge(run, output=out_dir, overwrite=True)
+    assert (out_dir / "lora_merge.json").is_file()
 
 
 def test_merge_bfloat16(runs, tmp_path):

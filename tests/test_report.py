@@ -52,17 +52,23 @@ def test_dry_run_is_validate(report_recipe, monkeypatch, capsys):
     assert "recipe: valid" in out and "lengths (tokens" in out and "[masked]" not in out
 
 
-def test_max_length_beyond_context_warns(report_recipe, monkeypatch, capsys):
-    code, out, err = lora_in_process(monkeypatch, capsys, "validate", report_recipe, "data.max_length=1000", "--preview", "0")
+def test_max_length_beyond_context_warns_or_stops(report_recipe, tiny_llama, monkeypatch, capsys):
+    # RoPE (Llama): positions past the context compute, untrained: a warning
+    code, out, err = lora_in_process(monkeypatch, capsys, "validate", report_recipe, f"model.name={tiny_llama}",
+                                     "data.max_length=1000", "--preview", "0")
     assert code == 0, err
     assert "warning: data.max_length 1000 is beyond the model's context of 256 tokens" in out
     assert "data.max_length=256" in out  # the fix
+    # learned positions (GPT-2): a longer row cannot run at all, as `lora train` says too
+    code, out, err = lora_in_process(monkeypatch, capsys, "validate", report_recipe, "data.max_length=1000", "--preview", "0")
+    assert code == 2 and "data.max_length: 1000 is beyond the model's context of 256 tokens (n_positions)" in err
+    assert "data.max_length=256" in err and "Traceback" not in err
 
 
 def test_chat_data_without_template_is_an_error_with_fix(tiny_gpt2, tmp_path, monkeypatch, capsys):
     data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}])
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"model: {{name: {tiny_gpt2}}}\ndata: {{train: {data}}}\n")
+    recipe.write_text(f"model: {{name: {tiny_gpt2}}}\ndata: {{train: {data}, max_length: 64}}\n")
     code, out, err = lora_in_process(monkeypatch, capsys, "validate", recipe)
     assert code == 2 and "no chat template" in err.replace("has none", "no chat template") and "hint:" in err
     assert "Traceback" not in err
@@ -105,6 +111,9 @@ def test_datastats():
     assert hist == [[1, 4, 2], [5, 8, 0], [9, 12, 2], [13, 16, 1]]
     lines = datastats.histogram_lines(hist, 8)
     assert lines[2].endswith("2  > max_length") and "#" not in lines[1]
+    # a bin that straddles max_length says so: some of its rows are cut
+    assert datastats.histogram_lines(hist, 10)[2].endswith("2  partly > max_length")
+    assert not datastats.histogram_lines(hist, 12)[2].endswith("max_length")
     # whatever the shuffle, the 2 shares a batch with a 10: 8 padded of 40
     assert datastats.batch_padding([10, 10, 10, 2], 2, seed=0) == pytest.approx(0.2)
     assert datastats.batch_padding([4, 4, 4, 4], 2, seed=0) == 0.0
@@ -143,10 +152,34 @@ def test_train_prints_marked_recipe_before_loading_and_training(tiny_gpt2, tmp_p
 
     assert any(l.startswith("step ") for l in out.splitlines())
 
-    # Resuming the run directory (already at its last step: nothing more to train): its saved
-    # recipe.yaml sets every value; the override (a cadence, which resume allows) is marked.
+    # Resuming the run directory: its saved recipe.yaml sets every value; the override (a
+    # cadence, which resume allows) is marked. (A completed run has nothing to resume: without
+    # its adapter it is a run stopped while saving it, which redoes its last steps.)
+    import shutil
+
+    shutil.rmtree(run / "adapter")
     code, out, _ = lora_in_process(monkeypatch, capsys, "train", run, "--resume", "train.log_every=2")
     assert code == 0, out
     block = marked(out)
     assert any(l.startswith("  log_every: 2") and l.endswith("# override") for l in block)
     assert any(l.startswith("  r: 16") and l.endswith("# recipe") for l in block)
+
+
+def test_preview_labels_each_example_with_its_own_row(tiny_gpt2, tmp_path, monkeypatch, capsys):
+    """A row with nothing to train on gives no example: the ones after it keep their own labels."""
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": "hello world"}, {"text": ""}, {"text": "the last row"}])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {{name: {tiny_gpt2}}}\ndata: {{train: {data}, format: text, max_length: 64}}\n")
+    code, out, err = lora_in_process(monkeypatch, capsys, "validate", recipe, "--preview", "3")
+    assert code == 0, err
+    labels = [line for line in out.splitlines() if line.startswith("--- ")]
+    assert [label.split(",")[0] for label in labels] == [f"--- {data} row 1 (line 1)", f"--- {data} row 3 (line 3)"]
+    assert out.index("row 3 (line 3), ") < out.index("he last row")  # (the first token is never trained on)
+
+
+def test_settings_that_cannot_act_are_said(report_recipe, monkeypatch, capsys):
+    code, out, err = lora_in_process(monkeypatch, capsys, "validate", report_recipe, "train.eval_every=2", "--preview", "0")
+    assert code == 0, err
+    assert "note: train.eval_every is set but there is no validation data" in out
+    code, out, err = lora_in_process(monkeypatch, capsys, "validate", report_recipe, "--preview", "0")
+    assert "note:" not in out

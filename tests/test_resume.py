@@ -171,6 +171,50 @@ def test_resume_refuses_edited_data_and_allows_log_cadence(straight_run, tiny_gp
     assert "the training data changed" in error.message and str(data) in error.message
 
 
+def test_resume_of_a_completed_run_does_nothing(straight_run, tiny_gpt2, monkeypatch, capsys):
+    """As `make quickstart` reuses a finished run: no step past max_steps, the adapter untouched."""
+    adapter = straight_run / "adapter" / "adapter_model.safetensors"
+    before = (adapter.read_bytes(), adapter.stat().st_mtime_ns, (straight_run / "run.json").read_text(),
+              sorted(p.name for p in (straight_run / "checkpoints").iterdir()))
+    capsys.readouterr()
+    result = run_training(_recipe(tiny_gpt2, straight_run.parent.parent, "straight"), recipe_path=None,
+                          resume=True, overwrite=False)
+    assert f"{straight_run} is already complete (step 12): nothing to do" in capsys.readouterr().out
+    assert result.final["global_step"] == 3 * STEPS_PER_EPOCH
+    from tests.helpers import lora_in_process
+
+    code, out, err = lora_in_process(monkeypatch, capsys, "train", "--resume", straight_run)  # the command line: exit 0
+    assert code == 0 and "already complete" in out, err
+    assert before == (adapter.read_bytes(), adapter.stat().st_mtime_ns, (straight_run / "run.json").read_text(),
+                      sorted(p.name for p in (straight_run / "checkpoints").iterdir()))
+
+
+def test_resume_after_a_stop_on_the_last_step_trains_no_step_past_the_end(tiny_gpt2, tmp_path, capsys):
+    """Ctrl-C on the last step (6, mid epoch 2) saves checkpoint-6 but no adapter. The Trainer
+    resumed from it would train a step 7 of 6: the last stretch is redone from checkpoint-4."""
+    train = {"max_steps": 6, "epochs": 1, "save_every": 4}
+    reference = run_training(_recipe(tiny_gpt2, tmp_path, "straight", train=train), recipe_path=None,
+                             resume=False, overwrite=False).paths.root
+    recipe = _recipe(tiny_gpt2, tmp_path, "last", train=train)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(lora_cli.callbacks, "StopOnSignalCallback", _interrupting_callback(6))
+    try:
+        with pytest.raises(Interrupted):
+            run_training(recipe, recipe_path=None, resume=False, overwrite=False)
+    finally:
+        mp.undo()
+    run = tmp_path / "runs" / "last"
+    assert not (run / "adapter").exists() and latest_checkpoint(RunPaths(run)).name == "checkpoint-6"
+    capsys.readouterr()
+    result = run_training(recipe, recipe_path=None, resume=True, overwrite=False)
+    assert f"resuming {run} from checkpoint-4" in capsys.readouterr().out
+    assert result.final["global_step"] == 6
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-6"]
+    expected, got = _adapter(reference), _adapter(run)
+    for name in expected:
+        assert torch.allclose(expected[name], got[name], atol=1e-6), name
+
+
 @pytest.mark.parametrize("max_steps, failing", [(4, "checkpoint-4"), (2, "the adapter")])
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_gpt2, tmp_path, monkeypatch, max_steps, failing):
     """A real full disk cannot be made in CI: the second adapter write (checkpoint-4, or the final
@@ -282,3 +326,25 @@ def test_atomic_directory_replaces_a_directory_whole(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
     assert [p.name for p in target.iterdir()] == ["new.txt"]
     assert os.stat(target).st_ino == staged  # the staged directory itself was moved into place
+
+
+def test_resumed_run_reports_the_whole_runs_final_loss(straight_run, tiny_gpt2, tmp_path):
+    """Interrupted at step 6 between two logs (log_every 5), then resumed: the final train loss is
+    the mean over all 12 steps, as the uninterrupted run's, not over the resumed steps only."""
+    recipe = _recipe(tiny_gpt2, tmp_path, "resumed", train={"log_every": 5})
+    mp = pytest.MonkeyPatch()
+    mp.setattr(lora_cli.callbacks, "StopOnSignalCallback", _interrupting_callback(INTERRUPT_AT))
+    try:
+        with pytest.raises(Interrupted):
+            run_training(recipe, recipe_path=None, resume=False, overwrite=False)
+    finally:
+        mp.undo()
+    result = run_training(recipe, recipe_path=None, resume=True, overwrite=False)
+    straight = json.loads((straight_run / "run.json").read_text())["final"]
+    assert result.final["global_step"] == straight["global_step"] == 3 * STEPS_PER_EPOCH
+    assert result.final["train_loss"] == pytest.approx(straight["train_loss"], rel=1e-6)
+    # ... which is the mean of the uninterrupted run's 12 logged step losses.
+    losses = [m["loss"] for m in read_metrics(straight_run) if "loss" in m]
+    assert len(losses) == 12 and straight["train_loss"] == pytest.approx(sum(losses) / 12, rel=1e-6)
+    saved = json.loads((tmp_path / "runs" / "resumed" / "run.json").read_text())["final"]
+    assert saved["train_loss"] == result.final["train_loss"]

@@ -41,11 +41,17 @@ def test_yaml_python_tag_is_rejected_and_never_executed(tmp_path):
 
 @pytest.fixture(scope="module")
 def saved_run(tiny_gpt2, tmp_path_factory):
-    """A finished 2-step run with checkpoint-2 (the state a pre-empted run resumes from)."""
+    """A 4-step run as it is on disk when killed between its checkpoints at steps 2 and 4: what
+    --resume continues from checkpoint-2 (a completed run has nothing to resume)."""
     tmp = tmp_path_factory.mktemp("safety")
     data = write_jsonl(tmp / "train.jsonl", completion_rows())
-    recipe = tiny_recipe(tiny_gpt2, data, tmp / "run", train={"max_steps": 2, "save_every": 2})
+    recipe = tiny_recipe(tiny_gpt2, data, tmp / "run", train={"max_steps": 4, "save_every": 2})
     run_training(recipe, recipe_path=None, resume=False, overwrite=False)
+    run = tmp / "run"
+    shutil.rmtree(run / "checkpoints" / "checkpoint-4")
+    shutil.rmtree(run / "adapter")
+    status = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**status, "status": "interrupted"}))
     return tmp, recipe
 
 
@@ -102,7 +108,7 @@ def test_pickle_only_weights_need_the_opt_in(tiny_gpt2, tmp_path, monkeypatch, c
     weights.unlink()
     data = write_jsonl(tmp_path / "train.jsonl", completion_rows())
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"model:\n  name: {model}\ndata:\n  train: {data}\n")
+    recipe.write_text(f"model:\n  name: {model}\ndata:\n  train: {data}\n  max_length: 64\n")
     code, _, err = lora_in_process(monkeypatch, capsys, "train", recipe, "--dry-run")
     assert code == 2
     assert f"{model} has only pickle weights" in err and "model.allow_pickle_weights: true" in err

@@ -155,10 +155,92 @@ def test_cli_uses_tcmalloc_when_installed(tiny_gpt2, tmp_path, setting, expected
 
     data = write_jsonl(tmp_path / "train.jsonl", completion_rows(repeat=1))
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"model:\n  name: {tiny_gpt2}\ndata:\n  train: {data}\ntrain:\n  max_steps: 1\n")
+    recipe.write_text(f"model:\n  name: {tiny_gpt2}\ndata:\n  train: {data}\n  max_length: 64\ntrain:\n  max_steps: 1\n")
     env = {k: v for k, v in os.environ.items() if k not in ("LORA_ALLOCATOR", "LD_PRELOAD")}
     if setting:
         env["LORA_ALLOCATOR"] = setting
     result = subprocess.run([sys.executable, "-m", "lora_cli", "train", str(recipe)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "runs" / "r" / "run.json").read_text())["allocator"] == expected
+
+
+def _lora_b_max(run: Path) -> float:
+    from safetensors.torch import load_file
+
+    weights = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    return max(float(w.abs().max()) for name, w in weights.items() if "lora_B" in name)
+
+
+@pytest.mark.parametrize("train", [{"max_steps": 1}, {"max_steps": None, "epochs": 0.25}])
+def test_a_one_step_run_learns_despite_the_default_warm_up(tiny_gpt2, tmp_path, train):
+    """warmup_ratio 0.03 of 1 step was rounded up to 1 warm-up step at lr 0: an all-zero adapter."""
+    data = write_jsonl(tmp_path / "train.jsonl", completion_rows())  # 32 rows: 0.25 epoch = 1 step of 8
+    recipe = tiny_recipe(tiny_gpt2, data, tmp_path / "run",
+                         train={"warmup_ratio": 0.03, "scheduler": "cosine", "log_every": 1, **train})
+    result = run_training(recipe, recipe_path=None, resume=False, overwrite=False)
+    assert result.final["global_step"] == 1
+    (step,) = [m for m in read_metrics(tmp_path / "run") if "loss" in m]
+    assert step["learning_rate"] == pytest.approx(1e-2)
+    assert _lora_b_max(tmp_path / "run") > 0  # lora_B starts at 0: it moved, the adapter does something
+
+
+def test_constant_scheduler_warms_up_first(tiny_gpt2, tmp_path):
+    """`constant` is the schedule after warm-up: warmup_ratio 0.5 of 4 steps is 2 warm-up steps."""
+    data = write_jsonl(tmp_path / "train.jsonl", completion_rows())
+    recipe = tiny_recipe(tiny_gpt2, data, tmp_path / "run",
+                         train={"max_steps": 4, "scheduler": "constant", "warmup_ratio": 0.5, "log_every": 1})
+    run_training(recipe, recipe_path=None, resume=False, overwrite=False)
+    lrs = [m["learning_rate"] for m in read_metrics(tmp_path / "run") if "loss" in m]
+    assert lrs == pytest.approx([0.0, 5e-3, 1e-2, 1e-2])
+
+
+@pytest.mark.parametrize("ratio, steps, expected", [(0.03, 50, 2), (0.03, 10, 0), (0.1, 100, 10), (0.9, 2, 1), (0.5, 1, 0)])
+def test_warm_up_steps_round_and_leave_a_step_to_learn(tiny_gpt2, ratio, steps, expected):
+    """The rule LoraTrainer.create_scheduler applies (the Trainer's ceil would give 1, 1, 10, 2, 1)."""
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from lora_cli.train import make_trainer_class
+
+    args = TrainingArguments(output_dir="unused", warmup_steps=ratio, lr_scheduler_type="linear", learning_rate=1.0,
+                             report_to="none", use_cpu=True)
+    trainer = make_trainer_class()(model=AutoModelForCausalLM.from_pretrained(tiny_gpt2), args=args)
+    trainer.create_optimizer()
+    trainer.create_scheduler(steps)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(trainer.lr_scheduler.get_last_lr()[0])
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    assert sum(lr < 1.0 for lr in lrs[:expected]) == expected and (expected == 0 or lrs[0] == 0)
+    assert lrs[expected] == 1.0  # the first step after warm-up runs at the full rate
+    assert args.warmup_steps == ratio  # the arguments are left as they were
+
+
+def test_max_length_past_learned_positions_is_a_recipe_error(tiny_gpt2, tmp_path, monkeypatch, capsys):
+    """GPT-2 learns one embedding per position (n_positions 256): a 300-token row crashed the run
+    with an IndexError traceback. Now exit 2 before the model loads, naming the key and the fix."""
+    from tests.helpers import lora_in_process
+
+    rows = completion_rows() + [{"prompt": "Define: long\n", "completion": "fox " * 300}]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {{name: {tiny_gpt2}}}\ndata: {{train: {data}}}\ntrain: {{max_steps: 2, batch_size: 4}}\n"
+                      f"output_dir: {tmp_path / 'run'}\n")
+    code, out, err = lora_in_process(monkeypatch, capsys, "train", recipe, "data.max_length=1000")
+    assert code == 2, err
+    assert "data.max_length: 1000 is beyond the model's context of 256 tokens (n_positions)" in err
+    assert "data.max_length=256 or less" in err and "Traceback" not in err
+    assert "trainable parameters" not in out  # stopped before the model was loaded
+
+
+def test_max_length_past_a_rope_models_context_is_a_warning(tiny_llama, tmp_path, monkeypatch, capsys):
+    from tests.helpers import lora_in_process
+
+    data = write_jsonl(tmp_path / "train.jsonl", completion_rows())
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {{name: {tiny_llama}}}\ndata: {{train: {data}, max_length: 300}}\n"
+                      f"train: {{max_steps: 2, batch_size: 4}}\noutput_dir: {tmp_path / 'run'}\n")
+    code, out, err = lora_in_process(monkeypatch, capsys, "train", recipe)
+    assert code == 0, err
+    assert ("warning: data.max_length 300 is beyond the model's context of 256 tokens (max_position_embeddings): "
+            "positions past it were never trained. Fix: data.max_length=256 or less") in out
