@@ -100,7 +100,15 @@ class Estimate:
     def to_dict(self) -> dict:
         import dataclasses
 
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        # One place for scripts to read this recipe's figure: an 8-bit base is not a column of
+        # its own (not modelled), it lies between the QLoRA and LoRA totals.
+        if self.method in self.memory:
+            out["this_recipe"] = {"method": self.method, "total": self.memory[self.method]["total"]}
+        else:
+            out["this_recipe"] = {"method": self.method,
+                                  "total_between": [self.memory["qlora"]["total"], self.memory["lora"]["total"]]}
+        return out
 
 
 # --------------------------------------------------------------------------- config and counting
@@ -363,7 +371,8 @@ def estimate_lines(est: Estimate) -> list[str]:
     out.append(header)
     for part in (*PARTS, "loading", "total"):
         out.append(f"  {part:<12}" + "".join(f"{human_bytes(est.memory[m][part]):>12}" for m in METHODS))
-    out.append(f"  this recipe: {est.method}")
+    between = "" if est.method in est.memory else " (not modelled: between the QLoRA and LoRA columns)"
+    out.append(f"  this recipe: {est.method}{between}")
     return out
 
 

@@ -45,9 +45,14 @@ def test_estimate_command_json_and_table(tiny_gpt2, tmp_path, monkeypatch, capsy
     data = json.loads(out)
     assert data["batch_size"] == 2 and data["max_length"] == 128
     assert data["shape"]["model_type"] == "gpt2" and not data["shape"]["gated_mlp"]
+    assert data["this_recipe"] == {"method": "lora", "total": data["memory"]["lora"]["total"]}
     code, out, err = lora_in_process(monkeypatch, capsys, "estimate", recipe)
     assert code == 0, err
     assert "trainable LoRA parameters" in out and "QLoRA" in out and "activations" in out
+    # An 8-bit base is no column of its own: scripts get the range it lies in.
+    code, out, err = lora_in_process(monkeypatch, capsys, "estimate", recipe, "model.quantization=8bit", "--json")
+    data = json.loads(out)
+    assert data["this_recipe"]["total_between"] == [data["memory"]["qlora"]["total"], data["memory"]["lora"]["total"]]
 
 
 def test_missing_model_is_a_clear_error(tmp_path, monkeypatch, capsys):

@@ -100,17 +100,11 @@ def model_for(profile: str) -> Path:
     out = WORK / f"smollm2-{layers}layers"
     if not (out / "config.json").is_file():
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         config = AutoConfig.from_pretrained(full)
         config.num_hidden_layers = layers
-        model = AutoModelForCausalLM.from_pretrained(full, config=config, dtype=torch.float32)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(full).save_pretrained(tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
+        save_model(AutoModelForCausalLM.from_pretrained(full, config=config, dtype=torch.float32), full, out)
     return out
 
 
@@ -119,19 +113,25 @@ def random_model(config_dir: Path, layers: int | None) -> Path:
     out = WORK / f"random-{config_dir.name}-{layers or 'all'}layers"
     if not (out / "config.json").is_file():
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         config = AutoConfig.from_pretrained(config_dir)
         config.num_hidden_layers = layers or config.num_hidden_layers
         torch.manual_seed(SEED)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(config_dir).save_pretrained(tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
+        save_model(AutoModelForCausalLM.from_config(config, dtype=torch.float32), config_dir, out)
     return out
+
+
+def save_model(model, tokenizer_dir: Path, out: Path) -> None:
+    """`model` and the tokenizer of `tokenizer_dir` into `out`, whole or not at all."""
+    from transformers import AutoTokenizer
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
 
 
 def rows_for(profile: str) -> tuple[list[dict], list[dict]]:
