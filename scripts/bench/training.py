@@ -93,7 +93,9 @@ def model_for(profile: str) -> Path:
     """The profile's model directory: SmolLM2 itself, or a copy cut to its first N layers."""
     layers = PROFILES[profile]["layers"]
     if MODEL_CONFIG is not None:
-        return random_model(MODEL_CONFIG, layers)
+        from models import random_model
+
+        return random_model(MODEL_CONFIG, layers, WORK, SEED)
     full = smollm2_dir()
     if layers is None:
         return full
@@ -104,34 +106,10 @@ def model_for(profile: str) -> Path:
 
         config = AutoConfig.from_pretrained(full)
         config.num_hidden_layers = layers
+        from models import save_model
+
         save_model(AutoModelForCausalLM.from_pretrained(full, config=config, dtype=torch.float32), full, out)
     return out
-
-
-def random_model(config_dir: Path, layers: int | None) -> Path:
-    """The model of `config_dir` (cut to `layers`), its weights drawn with the benchmark's seed."""
-    out = WORK / f"random-{config_dir.name}-{layers or 'all'}layers"
-    if not (out / "config.json").is_file():
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        config = AutoConfig.from_pretrained(config_dir)
-        config.num_hidden_layers = layers or config.num_hidden_layers
-        torch.manual_seed(SEED)
-        save_model(AutoModelForCausalLM.from_config(config, dtype=torch.float32), config_dir, out)
-    return out
-
-
-def save_model(model, tokenizer_dir: Path, out: Path) -> None:
-    """`model` and the tokenizer of `tokenizer_dir` into `out`, whole or not at all."""
-    from transformers import AutoTokenizer
-
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
 
 
 def rows_for(profile: str) -> tuple[list[dict], list[dict]]:
