@@ -35,6 +35,27 @@ class MetricsFileCallback(TrainerCallback):
         self.path = Path(path)
         self.tokens = tokens  # TokenCounter: throughput figures added to each training line
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        """Training starts at state.global_step (a --resume's checkpoint, or 0): drop the lines of
+        later steps, which an earlier attempt logged and this one is about to redo (else they
+        appear twice and loss.png doubles back). Lines that do not parse (a write cut off by a
+        kill) go too."""
+        if not state.is_world_process_zero or not self.path.is_file():
+            return
+        from lora_cli.runs import atomic_write_text
+
+        text = self.path.read_text(encoding="utf-8", errors="replace")
+        kept = []
+        for line in text.splitlines():
+            try:
+                step = json.loads(line).get("step")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(step, int) and step <= state.global_step:
+                kept.append(line + "\n")
+        if "".join(kept) != text:
+            atomic_write_text(self.path, "".join(kept))
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return

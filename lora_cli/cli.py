@@ -89,7 +89,10 @@ def train(
     if recipe_file != recipe:  # resuming a run directory: its output_dir is that directory
         import dataclasses
 
-        loaded = dataclasses.replace(loaded, output_dir=str(recipe))
+        from lora_cli.runs import RunPaths, with_run_paths
+
+        # its relative paths are those of the directory it trained in (run.json), not of here
+        loaded = with_run_paths(dataclasses.replace(loaded, output_dir=str(recipe)), RunPaths(recipe))
     if dry_run:
         from lora_cli.validate import run_validate
 

@@ -107,7 +107,7 @@ class Estimate:
             out["this_recipe"] = {"method": self.method, "total": self.memory[self.method]["total"]}
         else:
             out["this_recipe"] = {"method": self.method,
-                                  "total_between": [self.memory["qlora"]["total"], self.memory["lora"]["total"]]}
+                                  "total_between": sorted([self.memory["qlora"]["total"], self.memory["lora"]["total"]])}
         return out
 
 

@@ -198,6 +198,7 @@ def run_eval(
     recipe = load_run_recipe(paths)
     if data is not None and not Path(data).exists() and Path(data).suffix:
         raise DataError(f"--data: file not found: {data}", "Check the path (relative paths are relative to the current directory).")
+    check_can_write_eval(paths)  # before the work, not after it
 
     from lora_cli.train import quiet_libraries
 
@@ -271,15 +272,51 @@ def run_eval(
         ]
         result["exact_match"] = em
 
-    atomic_write_json(paths.eval_json, result)
+    try:
+        atomic_write_json(paths.eval_json, result)
+    except OSError as e:  # the numbers are shown all the same: the work is not lost
+        show_result(result, as_json)
+        raise EvalWriteError(
+            f"cannot write {paths.eval_json}: {e.strerror or e}; the results above were not saved",
+            "Free some disk space or make the run directory writable, then run `lora eval` again "
+            "(or keep the numbers above, e.g. with --json > FILE).",
+        ) from None
+    show_result(result, as_json)
+    if not as_json:
+        info(f"written to {paths.eval_json}")
+    return result
+
+
+class EvalWriteError(LoraError):
+    """eval.json could not be written after the evaluation ran (disk full, ...)."""
+
+    exit_code = EXIT_RUNTIME
+
+
+def show_result(result: dict, as_json: bool) -> None:
     if as_json:
         import json
 
         print(json.dumps(result, indent=2))
     else:
         print_table(result)
-        info(f"written to {paths.eval_json}")
-    return result
+
+
+def check_can_write_eval(paths) -> None:
+    """eval.json goes into the run directory: refuse a run directory that cannot take it before
+    loading or computing anything (a read-only mount, no permission, eval.json a directory)."""
+    import os
+    import tempfile
+
+    hint = "lora eval writes eval.json into the run directory: make it writable, or evaluate a copy of the run."
+    if paths.eval_json.is_dir():
+        raise LoraError(f"cannot write {paths.eval_json}: it is a directory", "Move it out of the way, then run `lora eval` again.")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".eval.json.probe-", dir=paths.root)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise LoraError(f"cannot write {paths.eval_json}: {e.strerror or e}", hint) from None
 
 
 def _change(base: dict, adapter: dict, keys) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -31,8 +32,11 @@ def cache_root() -> Path:
 
 
 def converted_gguf_dir(gguf: Path) -> Path:
-    """Where `convert_gguf` keeps (or will keep) the safetensors copy of `gguf`."""
-    return cache_root() / "gguf" / f"{gguf.stem}-{content_digest(gguf)[:16]}"
+    """Where `convert_gguf` keeps (or will keep) the safetensors copy of `gguf`: named after the
+    file for people looking in the cache, found by content (a copy under another name too)."""
+    key = content_digest(gguf)[:16]
+    existing = [d for d in (cache_root() / "gguf").glob(f"*-{key}") if (d / "config.json").is_file()]
+    return existing[0] if existing else cache_root() / "gguf" / f"{gguf.stem}-{key}"
 
 
 def content_digest(gguf: Path) -> str:
@@ -42,7 +46,7 @@ def content_digest(gguf: Path) -> str:
     seen = f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}"
     index_path = cache_root() / "gguf" / "digests.json"
     index = _read_index(index_path)
-    if seen not in index:
+    if not (isinstance(index.get(seen), str) and re.fullmatch(r"[0-9a-f]{64}", index[seen])):
         with open(gguf, "rb") as f:
             digest = hashlib.file_digest(f, "sha256")
         digest.update(f":format{CONVERSION_FORMAT}".encode())
@@ -71,6 +75,17 @@ def _write_index(path: Path, index: dict[str, str]) -> None:
         pass
 
 
+def _check_writable(directory: Path) -> None:
+    """Before a conversion of tens of seconds, not after it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise ModelError(f"cannot write the converted model to the cache {directory}: {e.strerror or e}",
+                         "Set LORA_CACHE_DIR to a writable directory.") from None
+
+
 def convert_gguf(gguf: Path) -> Path:
     """The safetensors model directory for `gguf`, converted on first use."""
     target = converted_gguf_dir(gguf)
@@ -82,6 +97,7 @@ def convert_gguf(gguf: Path) -> Path:
 
     from lora_cli.runs import atomic_directory
 
+    _check_writable(target.parent)
     print(f"converting {gguf.name} to safetensors (once, ~30 s; cached in {target})", flush=True)
     os.environ["TQDM_DISABLE"] = "1"  # transformers' per-tensor bar uses plain tqdm
     try:

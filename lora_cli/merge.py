@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +97,12 @@ def check_output(output: Path, paths, *, overwrite: bool, base_dir: Path | None 
             f"--output {output} would replace the run's base model ({base_dir})",
             f"Write the merged model to its own directory, e.g. {paths.merged} (the default).",
         )
+    if base_dir is not None and out.is_relative_to(base_dir.resolve()):
+        raise RunDirError(
+            f"--output {output} is inside the run's base model directory ({base_dir}); refusing to write there",
+            f"Write the merged model to its own directory, e.g. {paths.merged} (the default).",
+        )
+    check_can_create(output)
     if not output.exists():
         return
     if not output.is_dir():
@@ -117,21 +126,109 @@ def check_output(output: Path, paths, *, overwrite: bool, base_dir: Path | None 
             f"{', ...' if len(foreign) > 5 else ''}); refusing to replace it",
             "Move them out of the directory first, or choose another --output.",
         )
+    users = runs_based_on(output, paths)
+    if users:
+        names = ", ".join(str(r) for r in users[:3]) + (", ..." if len(users) > 3 else "")
+        raise RunDirError(
+            f"{output} is the base model of run {names}; replacing it would silently change "
+            f"{'that run' if len(users) == 1 else 'those runs'} (their adapters were trained on this merge)",
+            f"Write the new merge elsewhere with --output DIR. To replace it anyway, delete {output} first.",
+        )
+
+
+def check_can_create(output: Path) -> None:
+    """Refuse, before any work, an --output that could not be written: a file on its path, a
+    directory without write permission, a read-only or special file system. The merged model is
+    written beside the target first (runs.atomic_directory), so that is where we try."""
+    parent = Path(os.path.abspath(output)).parent
+    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise RunDirError(
+            f"cannot write --output {output}: {parent} is a file, not a directory",
+            "Name a directory for the merged model whose parents are directories (or do not exist yet).",
+        )
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{output.name or 'merged'}.probe-", dir=parent))
+    except OSError as e:
+        raise RunDirError(
+            f"cannot write --output {output}: cannot create anything in {parent} ({e.strerror or e})",
+            "Choose a directory you can write to with --output DIR.",
+        ) from None
+
+
+# What `save_pretrained` of a merged model and its tokenizer, plus this module, write: in a merge
+# made before the marker existed, anything else is a user's and must not be deleted.
+MERGE_FILES = frozenset({
+    "README.md", MARKER, "config.json", "generation_config.json", "model.safetensors",
+    "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
+    "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+})
+SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
 
 
 def files_merge_did_not_write(directory: Path) -> list[str] | None:
     """Names in `directory` that an earlier merge did not write; None if no merge wrote it."""
     try:
         written = set(json.loads((directory / MARKER).read_text(encoding="utf-8"))["files"])
+        if not all(isinstance(name, str) for name in written):
+            raise TypeError
     except (OSError, ValueError, KeyError, TypeError):
         written = None
-    if written is None:  # an older merge (no marker): recognised by its model card
+    entries = list(directory.iterdir())
+    if written is None:  # an older merge (no marker, or a damaged one): recognised by its model card
         try:
             card = (directory / "README.md").read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
             return None
-        return [] if CARD_MARK in card and (directory / "config.json").is_file() else None
-    return sorted(p.name for p in directory.iterdir() if p.name not in written and p.name != MARKER)
+        if CARD_MARK not in card or not (directory / "config.json").is_file():
+            return None
+        # Which files it wrote is not known: only what a merge writes may go, never a subdirectory.
+        return sorted(p.name + ("/" if p.is_dir() else "") for p in entries
+                      if p.is_dir() or not (p.name in MERGE_FILES or SHARD.fullmatch(p.name)))
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in entries
+                  if p.is_dir() or (p.name not in written and p.name != MARKER))
+
+
+def runs_based_on(output: Path, paths) -> list[Path]:
+    """Runs (under ./runs and beside this run) whose base model is `output` or inside it: their
+    adapters were trained on that model, so replacing it would change them without a word."""
+    from lora_cli.runs import RUNS_ROOT, run_dirs
+
+    out = output.resolve()
+    seen, found = set(), []
+    for root in (RUNS_ROOT, paths.root.parent, output.parent.parent):
+        for run in sorted(run_dirs(root)):
+            if run.resolve() in seen:
+                continue
+            seen.add(run.resolve())
+            base = _run_base_path(run)
+            if base is not None and base.resolve().is_relative_to(out):
+                found.append(run)
+    return found
+
+
+def _run_base_path(run: Path) -> Path | None:
+    """The local base model directory a run trained on, as recorded (None if none or unreadable)."""
+    try:
+        record = json.loads((run / "run.json").read_text(encoding="utf-8"))
+        model = record.get("model") or {}
+        if model.get("local_path"):
+            return Path(model["local_path"])
+        name = model.get("name")
+        if not name:
+            import yaml
+
+            name = (yaml.safe_load((run / "recipe.yaml").read_text(encoding="utf-8")).get("model") or {}).get("name")
+        if not isinstance(name, str) or not name:
+            return None
+        path = Path(name).expanduser()
+        if not path.is_absolute() and isinstance(record.get("working_dir"), str):
+            path = Path(record["working_dir"]) / path
+        return path if path.exists() else None
+    except Exception:  # another run's broken files are not this merge's business
+        return None
 
 
 def resolve_merge_dtype(dtype: str | None, trained_dtype: str) -> str:
@@ -384,38 +481,45 @@ def run_merge(
 
     from lora_cli.runs import atomic_directory
 
-    with atomic_directory(output) as tmp:
-        merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        del merged
-        reloaded = AutoModelForCausalLM.from_pretrained(
-            tmp, dtype=getattr(torch, out_dtype), trust_remote_code=recipe.model.trust_remote_code
-        )
-        check_finite(reloaded, "the saved model")
-        changed = sorted(k for k, v in tensor_digests(reloaded).items() if digests.get(k) != v)
-        missing = sorted(set(digests) - set(tensor_digests(reloaded)))
-        if changed or missing:
-            raise MergeError(
-                f"the saved model does not load back with the merged weights ({', '.join((changed + missing)[:3])}"
-                f"{', ...' if len(changed + missing) > 3 else ''}); nothing was saved",
-                "This architecture may not survive save_pretrained after merging; please report it.",
+    try:
+        with atomic_directory(output) as tmp:
+            merged.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            del merged
+            reloaded = AutoModelForCausalLM.from_pretrained(
+                tmp, dtype=getattr(torch, out_dtype), trust_remote_code=recipe.model.trust_remote_code
             )
-        # 3. The saved model against base + adapter: rounding within what --dtype allows.
-        saved_tolerance = TOLERANCE[out_dtype] * scale
-        saved_diff = max_abs_diff(probe_logits(reloaded, probes), reference)
-        del reloaded
-        print(f"verify: the saved model ({out_dtype}, loaded with plain transformers): "
-              f"max |logit difference| = {saved_diff:.3g} (tolerance {saved_tolerance:.3g})")
-        if not saved_diff <= saved_tolerance:
-            raise MergeError(
-                f"the saved {out_dtype} model differs from base + adapter by {saved_diff:.3g} > "
-                f"{saved_tolerance:.3g}; nothing was saved",
-                "Use --dtype float32 (or bfloat16 if float16 overflows).",
-            )
-        (tmp / "README.md").write_text(model_card(paths, recipe, source.description, onto, out_dtype, saved_diff), encoding="utf-8")
-        marker = {"run": str(paths.root), "base": source.description, "dtype": out_dtype, "onto": onto,
-                  "files": sorted(p.name for p in tmp.iterdir())}
-        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+            check_finite(reloaded, "the saved model")
+            changed = sorted(k for k, v in tensor_digests(reloaded).items() if digests.get(k) != v)
+            missing = sorted(set(digests) - set(tensor_digests(reloaded)))
+            if changed or missing:
+                raise MergeError(
+                    f"the saved model does not load back with the merged weights ({', '.join((changed + missing)[:3])}"
+                    f"{', ...' if len(changed + missing) > 3 else ''}); nothing was saved",
+                    "This architecture may not survive save_pretrained after merging; please report it.",
+                )
+            # 3. The saved model against base + adapter: rounding within what --dtype allows.
+            saved_tolerance = TOLERANCE[out_dtype] * scale
+            saved_diff = max_abs_diff(probe_logits(reloaded, probes), reference)
+            del reloaded
+            print(f"verify: the saved model ({out_dtype}, loaded with plain transformers): "
+                  f"max |logit difference| = {saved_diff:.3g} (tolerance {saved_tolerance:.3g})")
+            if not saved_diff <= saved_tolerance:
+                raise MergeError(
+                    f"the saved {out_dtype} model differs from base + adapter by {saved_diff:.3g} > "
+                    f"{saved_tolerance:.3g}; nothing was saved",
+                    "Use --dtype float32 (or bfloat16 if float16 overflows).",
+                )
+            (tmp / "README.md").write_text(model_card(paths, recipe, source.description, onto, out_dtype, saved_diff), encoding="utf-8")
+            marker = {"run": str(paths.root), "base": source.description, "dtype": out_dtype, "onto": onto,
+                      "files": sorted(p.name for p in tmp.iterdir())}
+            (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+    except OSError as e:  # disk full, permissions changed meanwhile, ...: the old output is left as it was
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        raise MergeError(
+            f"saving the merged model to {output} failed: {e.strerror or e}{where}; nothing was saved",
+            "Free some disk space, or choose another --output DIR you can write to.",
+        ) from None
     print(f"merged model saved to {output} ({out_dtype})")
     return MergeResult(output, out_dtype, onto, diff, saved_diff, saved_tolerance)
 

@@ -26,12 +26,17 @@ def peak_memory() -> dict:
     return peaks
 
 
-def peak_memory_line(peaks: dict, estimate_bytes: float | None) -> str:
+def peak_memory_line(peaks: dict, estimate_bytes: float | tuple[float, float] | None) -> str:
+    """`estimate_bytes`: the estimate's total, or (low, high) for an 8-bit base."""
     from lora_cli.estimate import human_bytes
 
+    if isinstance(estimate_bytes, (tuple, list)):
+        estimate_text = f"between {human_bytes(estimate_bytes[0])} and {human_bytes(estimate_bytes[1])}"
+    else:
+        estimate_text = human_bytes(estimate_bytes) if estimate_bytes else ""
     if "gpu_peak_allocated_bytes" in peaks:
-        estimate = f"; estimate {human_bytes(estimate_bytes)}" if estimate_bytes else ""
+        estimate = f"; estimate {estimate_text}" if estimate_text else ""
         return (f"peak GPU memory: {human_bytes(peaks['gpu_peak_allocated_bytes'])} in tensors, "
                 f"{human_bytes(peaks['gpu_peak_reserved_bytes'])} reserved by torch ({peaks['gpu']}{estimate})")
-    estimate = f"; estimate {human_bytes(estimate_bytes)} plus the libraries" if estimate_bytes else ""
+    estimate = f"; estimate {estimate_text} plus the libraries" if estimate_text else ""
     return f"peak memory: {human_bytes(peaks['process_peak_rss_bytes'])} (the whole process{estimate})"

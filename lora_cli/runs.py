@@ -193,7 +193,10 @@ def with_run_paths(recipe, paths: RunPaths):
         if not isinstance(spec, str) or Path(spec).expanduser().is_absolute():
             return spec
         there = Path(working_dir) / spec
-        return str(there) if there.exists() else spec
+        # A data file is the one training read, even when it is gone (its error then names that
+        # path, and another file of the same name here is never used instead); a hub dataset id
+        # (no file suffix, not a file there) stays as it is.
+        return str(there) if there.exists() or Path(spec).suffix else spec
 
     data = dataclasses.replace(recipe.data, train=anchored(recipe.data.train), validation=anchored(recipe.data.validation))
     return dataclasses.replace(recipe, data=data)

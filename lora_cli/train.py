@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from lora_cli import __version__
 from lora_cli.config import Recipe, dump_recipe, marked_recipe_lines, recipe_to_dict
@@ -86,8 +85,13 @@ def check_resumable(paths: RunPaths, recipe: Recipe) -> None:
     """Refuse a resume whose recipe or data changed in a way that changes what is learned."""
     if not paths.recipe.is_file():
         raise RunDirError(f"{paths.root} has no recipe.yaml to resume from", "Start a new run with --overwrite.")
-    saved = _flatten(yaml.safe_load(paths.recipe.read_text(encoding="utf-8")) or {})
-    current = _flatten(recipe_to_dict(recipe))
+    from lora_cli.config import load_recipe
+    from lora_cli.runs import with_run_paths
+
+    # Paths compare as the files they name: the saved recipe's as they were where the run trained
+    # (runs.with_run_paths), the current one's from here; `--resume` works from any directory.
+    saved = _flatten(recipe_to_dict(_absolute_paths(with_run_paths(load_recipe(paths.recipe), paths))))
+    current = _flatten(recipe_to_dict(_absolute_paths(recipe)))
     changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     blocking = [k for k in changed if k not in RESUME_BENIGN_KEYS]
     if blocking:
@@ -106,6 +110,29 @@ def check_resumable(paths: RunPaths, recipe: Recipe) -> None:
         )
     for key in changed:
         print(f"resume: {key} changed ({saved.get(key)!r} -> {current.get(key)!r}); allowed")
+
+
+def _absolute_paths(recipe: Recipe) -> Recipe:
+    """`recipe` with its relative model and data paths made absolute, where they exist here."""
+    import dataclasses
+
+    def absolute(spec):
+        if isinstance(spec, list):
+            return [absolute(item) for item in spec]
+        if not isinstance(spec, str) or not Path(spec).expanduser().exists():
+            return spec
+        return str(Path(spec).expanduser().resolve())
+
+    data = dataclasses.replace(recipe.data, train=absolute(recipe.data.train), validation=absolute(recipe.data.validation))
+    model = recipe.model if recipe.model.name.lower() in _builtin_names() else \
+        dataclasses.replace(recipe.model, name=absolute(recipe.model.name))
+    return dataclasses.replace(recipe, model=model, data=data)
+
+
+def _builtin_names() -> set[str]:
+    from lora_cli.model import BUILTIN_MODELS
+
+    return set(BUILTIN_MODELS)
 
 
 def latest_checkpoint(paths: RunPaths) -> Path | None:
@@ -248,26 +275,34 @@ def make_trainer_class():
                     summed = self.accelerator.reduce(torch.tensor(counts, device=labels.device), reduction="sum")
                     counts = [int(n) for n in summed.tolist()]
                 self.tokens.add(*counts)
-            loss = super().training_step(model, inputs, num_items_in_batch)
             step = self.state.global_step + 1  # the optimizer step this micro-batch belongs to
             if step != self._step:
                 self._close_step()
                 self._step, self._step_loss, self._step_bad = step, 0.0, None
-            if self._step_bad is None and torch.isfinite(loss).all():
+            # compute_loss agrees across the ranks, before the backward, whether this micro-batch's
+            # loss is finite (_agree_finite): a bad one is skipped by every rank together.
+            self._agreeing, self._micro_bad = True, None
+            try:
+                loss = super().training_step(model, inputs, num_items_in_batch)
+            finally:
+                self._agreeing = False
+            bad, self._micro_bad = self._micro_bad, None
+            if bad is None and self._step_bad is None:
                 self._step_loss += float(loss)
+                self._last_good_inputs = inputs  # check_finite_result: the final weights on real data
                 return loss
             # Drop the gradients of this step (of all its micro-batches) so the weights stay finite;
             # stop if it keeps happening.
             model.zero_grad(set_to_none=True)
             if self._step_bad is not None:
                 return torch.zeros_like(loss)  # a later micro-batch of a step already skipped
-            self._step_bad = float(loss)
+            self._step_bad = bad
             self._nonfinite_in_a_row = self._nonfinite_in_a_row + 1 if self._last_bad_step == step - 1 else 1
             self._last_bad_step = step
             if self._nonfinite_in_a_row >= self.max_nonfinite_steps:
                 lr = self.lr_scheduler.get_last_lr()[0] if self.lr_scheduler else float("nan")
                 raise TrainingError(
-                    f"the loss was {float(loss)} for {self._nonfinite_in_a_row} steps in a row "
+                    f"the loss was {bad} for {self._nonfinite_in_a_row} steps in a row "
                     f"(step {self.state.global_step + 1}, learning rate {lr:.3g}); training stopped, "
                     "no weights were saved from the bad steps",
                     "Lower train.lr, check the data for empty or broken rows, or use dtype float32.",
@@ -283,7 +318,11 @@ def make_trainer_class():
                 skipped = [loss for loss, finite in window if not finite]
                 if skipped:  # the Trainer averaged them in as 0: log the real steps' mean, or nan / inf
                     good = [loss for loss, finite in window if finite]
-                    logs["loss"] = sum(good) / len(good) if good else skipped[-1]
+                    mean = sum(good) / len(good) if good else skipped[-1]
+                    if good and self.accelerator.num_processes > 1:  # every rank logs; all skipped the same steps
+                        mean = self.accelerator.reduce(torch.tensor([mean], dtype=torch.float64, device=self.args.device),
+                                                       reduction="mean").item()
+                    logs["loss"] = mean
                     logs["skipped_steps"] = len(skipped)
                     if not window[-1][1]:
                         logs["grad_norm"] = float("nan")  # its gradients were dropped, not measured as 0
@@ -311,7 +350,10 @@ def make_trainer_class():
                 if p.requires_grad:
                     local = p.detach().to_local() if hasattr(p, "to_local") else p.detach()  # FSDP shards
                     bad_tensors += int(not torch.isfinite(local).all())
-            last_bad = int(not self._last_step_finite and "eval_loss" not in final)
+            # A skipped last step changed nothing: the weights are those of the last applied update.
+            # Whether they still give a finite loss (a poisoned batch, not a divergence) is seen on
+            # the last batch that was finite.
+            last_bad = int(not self._last_step_finite and "eval_loss" not in final and not self._final_loss_finite())
             if self.accelerator.num_processes > 1:
                 flags = self.accelerator.reduce(torch.tensor([bad_tensors, last_bad], device=self.args.device), reduction="sum")
                 bad_tensors, last_bad = flags.tolist()
@@ -322,7 +364,8 @@ def make_trainer_class():
             elif not math.isfinite(final.get("eval_loss", 0.0)):
                 problem = f"the final eval loss is {final['eval_loss']}"
             elif last_bad:
-                problem = "the last step's loss was non-finite (the final weights give no usable loss)"
+                problem = ("the last step's loss was non-finite, and the final weights give a non-finite loss "
+                           "on the last training batch that was finite")
             else:
                 if final.get("skipped_steps") and self.is_world_process_zero():
                     skipped = final["skipped_steps"]
@@ -337,6 +380,21 @@ def make_trainer_class():
                 "or use dtype float32; then train again with --overwrite.",
             )
 
+        _last_good_inputs = None  # the inputs of the last finite micro-batch
+
+        def _final_loss_finite(self) -> bool:
+            if self._last_good_inputs is None:  # no finite step at all: train_loss says so
+                return True
+            model = self.model
+            was_training = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    loss = self.compute_loss(model, self._prepare_inputs(self._last_good_inputs))
+            finally:
+                model.train(was_training)
+            return bool(torch.isfinite(loss).all())
+
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
             inputs = {k: v for k, v in inputs.items() if k != REAL_TOKENS_KEY}
             if prediction_loss_only and "labels" in inputs and self._plain_head(model) is not None:
@@ -347,7 +405,31 @@ def make_trainer_class():
                 return loss.detach(), None, None
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
+        _agreeing = False  # in training_step: compute_loss agrees on the loss before the backward
+        _micro_bad = None  # the current micro-batch's agreed non-finite loss (None: finite)
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            result = self._compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if self._agreeing and not return_outputs:
+                self._agreeing = False
+                return self._agree_finite(result)
+            return result
+
+        def _agree_finite(self, loss):
+            """Before the backward: is this micro-batch's loss finite on every rank? Under DDP the
+            backward averages every rank's gradients into all of them, so a NaN on one rank must
+            make all of them skip it. Skipped: the backward gets a detached copy, which touches no
+            weight (no gradient, no DDP all-reduce), on every rank alike."""
+            value = loss.detach().float().sum().reshape(1)
+            if self.accelerator.num_processes > 1 and torch.distributed.is_initialized():
+                value = value.clone()
+                torch.distributed.all_reduce(value)  # a sum: NaN or inf on any rank shows on all
+            if self._step_bad is None and bool(torch.isfinite(value).all()):
+                return loss
+            self._micro_bad = self._step_bad if self._step_bad is not None else float(value)
+            return loss.detach().requires_grad_(True)
+
+        def _compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             # Our loss skips the logits of unsupervised positions and never holds all of them at
             # once (lora_cli/loss.py); same value as the model's own loss. Only where it is exact.
             head = self._plain_head(model)
@@ -604,7 +686,7 @@ def _train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> TrainRes
     stopper.install()
     try:
         train_started = time.perf_counter()
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         train_seconds = time.perf_counter() - train_started
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
         from lora_cli.errors import is_out_of_memory, out_of_memory_error
@@ -622,7 +704,14 @@ def _train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> TrainRes
         progress.close()
 
     # A signal after the last step's agreement stopped nothing: the run is complete and is saved.
-    if stopper.stopped:
+    if stopper.stopped and 0 < trainer.state.max_steps <= trainer.state.global_step:
+        # Agreed at the end of the last step: the training is complete, only the adapter is left.
+        import signal
+
+        name = "Ctrl-C" if stopper.received == signal.SIGINT else signal.Signals(stopper.received).name
+        say(f"{name} came after the last step ({trainer.state.global_step}/{trainer.state.max_steps}): "
+            "the training is complete; saving the adapter")
+    elif stopper.stopped:
         import signal
 
         step = trainer.state.global_step
@@ -717,9 +806,9 @@ def _dtype_text(model) -> str:
     return "8-bit" if model.quantization == "8bit" else f"weights in {model.dtype}"
 
 
-def _memory_estimate(recipe: Recipe) -> tuple[str, float | None]:
+def _memory_estimate(recipe: Recipe) -> tuple[str, float | tuple[float, float] | None]:
     """One line of `lora estimate` for this recipe (memory before it is spent, not an hour in),
-    and its total in bytes (None where there is none: an 8-bit base lies between two)."""
+    and its total in bytes: (low, high) for an 8-bit base, which lies between two; None if none."""
     from lora_cli.errors import LoraError
     from lora_cli.estimate import estimate, human_bytes
 
@@ -729,8 +818,10 @@ def _memory_estimate(recipe: Recipe) -> tuple[str, float | None]:
         return f"memory estimate: unavailable ({getattr(e, 'message', e)})", None
     shape = f"batch {est.batch_size} x {est.max_length} tokens, plus ~0.5-1 GB for the libraries; `lora estimate` has the table"
     if est.method not in est.memory:
-        low, high = (human_bytes(est.memory[m]["total"]) for m in ("qlora", "lora"))
-        return f"memory estimate: between {low} (4-bit) and {high} (full precision) to train ({est.method}, {shape})", None
+        # (the 4-bit figure is not always the lower one: its activations are in the compute dtype)
+        low, high = sorted(est.memory[m]["total"] for m in ("qlora", "lora"))
+        return (f"memory estimate: between {human_bytes(low)} and {human_bytes(high)} to train "
+                f"({est.method}: between the 4-bit and full-precision figures; {shape})"), (low, high)
     total = est.memory[est.method]["total"]
     return f"memory estimate: {human_bytes(total)} to train ({est.method}, {shape})", total
 

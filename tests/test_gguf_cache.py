@@ -51,3 +51,37 @@ def test_a_damaged_index_is_rebuilt(tmp_path, monkeypatch):
     (tmp_path / "cache" / "gguf" / "digests.json").write_text("{not json")
     assert content_digest(gguf) == expected
     assert json.loads((tmp_path / "cache" / "gguf" / "digests.json").read_text())
+
+
+def test_a_copy_under_another_name_finds_the_converted_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_CACHE_DIR", str(tmp_path / "cache"))
+    original = _file(tmp_path / "model.gguf", b"weights", 1_000_000_000)
+    converted = converted_gguf_dir(original)
+    converted.mkdir(parents=True)
+    (converted / "config.json").write_text("{}")  # as convert_gguf leaves it
+    assert converted_gguf_dir(_file(tmp_path / "renamed.gguf", b"weights", 2_000_000_000)) == converted
+
+
+def test_a_wrong_value_in_the_index_is_not_trusted(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = _file(tmp_path / "model.gguf", b"weights", 1_000_000_000)
+    expected = content_digest(gguf)
+    index_path = tmp_path / "cache" / "gguf" / "digests.json"
+    key = next(iter(json.loads(index_path.read_text())))
+    for wrong in (None, 12, "0" * 64 + "zz", ["x"]):
+        index_path.write_text(json.dumps({key: wrong}))
+        assert content_digest(gguf) == expected
+
+
+def test_an_unwritable_cache_is_named_before_converting(tmp_path, monkeypatch):
+    import pytest
+
+    from lora_cli.errors import ModelError
+    from lora_cli.gguf_cache import convert_gguf
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("LORA_CACHE_DIR", str(tmp_path / "file" / "cache"))  # under a file: cannot be made
+    gguf = _file(tmp_path / "model.gguf", b"weights", 1_000_000_000)
+    with pytest.raises(ModelError, match="cannot write the converted model to the cache") as info:
+        convert_gguf(gguf)
+    assert "LORA_CACHE_DIR" in info.value.hint

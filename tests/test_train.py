@@ -60,6 +60,13 @@ def test_train_learns_saves_and_reloads(arch, quantization, request, tmp_path):
     status = json.loads((run / "run.json").read_text())
     assert status["status"] == "completed"
     assert status["final"]["global_step"] == 40
+    # the peak it reached, beside the estimate (an 8-bit base: the range it lies in)
+    estimated = status["memory"]["estimate_bytes"]
+    assert status["memory"]["process_peak_rss_bytes"] > 0
+    if quantization == "8bit":
+        assert len(estimated) == 2 and 0 < estimated[0] < estimated[1]
+    else:
+        assert estimated > 0
     for line in read_metrics(run):
         assert "step" in line and ("loss" in line and "learning_rate" in line or "eval_loss" in line)
 
