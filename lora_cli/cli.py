@@ -75,6 +75,7 @@ def train(
     """
     from lora_cli.config import load_recipe
 
+    recipe = recipe.expanduser()  # `--resume "~/runs/x"`, quoted past the shell
     recipe_file = recipe
     if resume and recipe.is_dir():
         recipe_file = recipe / "recipe.yaml"

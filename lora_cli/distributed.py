@@ -15,6 +15,7 @@ adapter. torch is imported inside functions: `lora --help` must stay instant.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -358,9 +359,30 @@ def relaunch(num_processes: int, argv: list[str]) -> int:
     # N processes share the cores: without this each would start one thread per core.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
     print(f"launching {num_processes} process{'es' if num_processes != 1 else ''} with accelerate: {' '.join(cmd[3:])}", file=sys.stderr, flush=True)
-    proc = subprocess.Popen(cmd, env=env)
-    while True:
-        try:
-            return _exit_code(proc.wait())
-        except KeyboardInterrupt:
-            continue  # the launcher and the ranks got the same Ctrl-C: let them save and exit
+    # The launcher runs in a session of its own: it hears only what we pass on, once. Ctrl-C and
+    # SIGTERM (`kill PID`, a job scheduler) go to it as they are; it passes them on to the ranks,
+    # which save a checkpoint and exit 130 / 143. SIGHUP (the terminal closed) becomes SIGTERM:
+    # the ranks stop the same way instead of dying without a checkpoint.
+    import signal
+
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    forward = {signal.SIGINT: signal.SIGINT, signal.SIGTERM: signal.SIGTERM, signal.SIGHUP: signal.SIGTERM}
+
+    def pass_on(signum, frame):
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, forward[signum])
+
+    previous = {}
+    try:
+        for sig in forward:
+            with contextlib.suppress(ValueError):  # not the main thread: no handler can be set
+                previous[sig] = signal.signal(sig, pass_on)
+        while True:
+            try:
+                return _exit_code(proc.wait())
+            except KeyboardInterrupt:  # a handler of ours was not installed in time
+                pass_on(signal.SIGINT, None)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -182,13 +182,14 @@ def model_shape(config, recipe: Recipe) -> ModelShape:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lora_cli.model import linear_module_names, lora_config
+    from lora_cli.model import check_modules_to_save, linear_module_names, lora_config
 
     config.use_cache = False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+        check_modules_to_save(model, recipe.lora.modules_to_save)  # what `lora train` would refuse
         total = sum(p.numel() for p in model.parameters())
         quantizable = largest = 0
         gated = False

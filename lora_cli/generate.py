@@ -75,7 +75,8 @@ def read_prompts(prompt: str | None, file: str | Path | None, stdin=None) -> lis
             raise DataError(f"{path} is not UTF-8 text", "Save the prompt file as UTF-8.") from None
     prompts = [line.rstrip("\r") for line in text.split("\n") if line.strip()]
     if not prompts:
-        raise DataError(f"no prompts in {where} (it is empty)", "Write one prompt per line.")
+        what = "it holds only blank lines" if text else "it is empty"
+        raise DataError(f"no prompts in {where} ({what})", "Write one prompt per line.")
     return prompts
 
 

@@ -131,7 +131,8 @@ def check_output(output: Path, paths, *, overwrite: bool, base_dir: Path | None 
         names = ", ".join(str(r) for r in users[:3]) + (", ..." if len(users) > 3 else "")
         raise RunDirError(
             f"{output} is the base model of run {names}; replacing it would silently change "
-            f"{'that run' if len(users) == 1 else 'those runs'} (their adapters were trained on this merge)",
+            + ("that run (its adapter was trained on this merge)" if len(users) == 1
+               else "those runs (their adapters were trained on this merge)"),
             f"Write the new merge elsewhere with --output DIR. To replace it anyway, delete {output} first.",
         )
 
@@ -171,9 +172,10 @@ SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
 def files_merge_did_not_write(directory: Path) -> list[str] | None:
     """Names in `directory` that an earlier merge did not write; None if no merge wrote it."""
     try:
-        written = set(json.loads((directory / MARKER).read_text(encoding="utf-8"))["files"])
-        if not all(isinstance(name, str) for name in written):
+        files = json.loads((directory / MARKER).read_text(encoding="utf-8"))["files"]
+        if not isinstance(files, list) or not all(isinstance(name, str) for name in files):
             raise TypeError
+        written = set(files)
     except (OSError, ValueError, KeyError, TypeError):
         written = None
     entries = list(directory.iterdir())
@@ -198,7 +200,7 @@ def runs_based_on(output: Path, paths) -> list[Path]:
 
     out = output.resolve()
     seen, found = set(), []
-    for root in (RUNS_ROOT, paths.root.parent, output.parent.parent):
+    for root in (paths.root.parent, output.parent.parent, RUNS_ROOT):
         for run in sorted(run_dirs(root)):
             if run.resolve() in seen:
                 continue

@@ -433,6 +433,7 @@ def load_adapter(base, adapter_dir: Path, *, trainable: bool = False):
     naming the directory and what is wrong, not as the library's traceback.
     """
     import json
+    import warnings
 
     from peft import PeftModel
 
@@ -445,7 +446,10 @@ def load_adapter(base, adapter_dir: Path, *, trainable: bool = False):
         raise ModelError(f"{adapter_dir}: the adapter has no weights ({ADAPTER_WEIGHTS[0]} is missing)",
                          _ADAPTER_DAMAGED_HINT)
     try:
-        return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
+        # peft only warns about adapter tensors the file lacks (and loads the rest): caught here.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
     except Exception as e:
         if is_out_of_memory(e):
             raise
@@ -454,6 +458,12 @@ def load_adapter(base, adapter_dir: Path, *, trainable: bool = False):
             message, hint = f"adapter_config.json is not valid JSON ({detail})", _ADAPTER_DAMAGED_HINT
         elif type(e).__name__ == "SafetensorError":
             message, hint = f"the adapter weights are damaged or truncated ({detail})", _ADAPTER_DAMAGED_HINT
+        elif "size mismatch" in str(e) and _rank_mismatch(str(e)):
+            detail = next(line.strip() for line in str(e).splitlines() if "size mismatch" in line)[:300]
+            message = f"the adapter's weights do not have the rank its adapter_config.json gives: {detail}"
+            hint = ("adapter_config.json (r, rank_pattern) and adapter_model.safetensors disagree: the base model is "
+                    "not the problem. Restore the adapter's config with its weights (both from the same run or "
+                    "checkpoint), or train the run again.")
         elif type(e).__name__ == "NoMatchingPeftModuleError" or "size mismatch" in str(e):
             if "size mismatch" in str(e):  # the first differing tensor says enough
                 detail = next(line.strip() for line in str(e).splitlines() if "size mismatch" in line)[:300]
@@ -465,6 +475,49 @@ def load_adapter(base, adapter_dir: Path, *, trainable: bool = False):
         else:
             message, hint = f"cannot load the adapter ({type(e).__name__}: {detail})", _ADAPTER_DAMAGED_HINT
         raise ModelError(f"{adapter_dir}: {message}", hint) from None
+    missing = []
+    for w in caught:
+        text = str(w.message)
+        if "missing adapter keys" in text:
+            missing += re.findall(r"'([^']+)'", text.split("missing adapter keys", 1)[1])
+        else:  # anything else peft or torch said is theirs to say
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    if missing:
+        from peft import get_peft_model_state_dict
+
+        expected = len(get_peft_model_state_dict(model))
+        shown = ", ".join(_short_key(k) for k in missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise ModelError(
+            f"{adapter_dir}: the adapter is incomplete: {len(missing)} of its {expected} tensors are missing "
+            f"from its weights file (e.g. {shown})",
+            _ADAPTER_DAMAGED_HINT,
+        )
+    return model
+
+
+def _rank_mismatch(error: str) -> bool:
+    """torch's "size mismatch for ...lora_A...: copying a param with shape [8, 64] from checkpoint,
+    the shape in current model is [4, 64]" differs in the rank dimension only (dim 0 of lora_A,
+    dim 1 of lora_B): the adapter's config and its weights disagree, the base model fits."""
+    for line in error.splitlines():
+        found = re.search(r"size mismatch for ([\w.]+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) "
+                          r"from checkpoint, the shape in current model is torch\.Size\(\[([\d, ]*)\]\)", line)
+        if not found:
+            continue
+        name = found.group(1)
+        saved, current = ([int(x) for x in g.split(",") if x.strip()] for g in found.group(2, 3))
+        if len(saved) != 2 or len(current) != 2:
+            return False
+        rank_dim = 0 if ".lora_A." in name else 1 if ".lora_B." in name else None
+        if rank_dim is None:
+            return False
+        return saved[1 - rank_dim] == current[1 - rank_dim] and saved[rank_dim] != current[rank_dim]
+    return False
+
+
+def _short_key(key: str) -> str:
+    """base_model.model.transformer.h.1.attn.c_attn.lora_A.default.weight -> transformer.h.1.attn.c_attn.lora_A.weight"""
+    return key.removeprefix("base_model.model.").replace(".default.", ".")
 
 
 _ADAPTER_DAMAGED_HINT = ("Restore the adapter's files from a backup (the run's checkpoints/checkpoint-N, if any, "

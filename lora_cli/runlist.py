@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from lora_cli.errors import RunDirError
-from lora_cli.runs import run_dirs, run_json_problem, run_started
+from lora_cli.runs import run_dirs, run_json_problem, run_process_alive, run_started
 
 COLUMNS = ("name", "status", "base_model", "steps", "train_loss", "eval_loss", "eval_change", "created_at")
 
@@ -76,10 +76,14 @@ def run_summary(root: Path) -> dict:
         base, adapter = evaluated["base"].get("loss"), evaluated["adapter"].get("loss")
         if isinstance(base, (int, float)) and isinstance(adapter, (int, float)):
             change = {"base_loss": base, "adapter_loss": adapter, "change": adapter - base}
+    status = "broken" if problem else info.get("status", "unknown")
+    # "running" in run.json, but its process is gone (kill -9, a crash, a reboot): interrupted.
+    process_gone = status == "running" and run_process_alive(info) is False
     return {
         "name": root.name,
         "path": str(root),
-        "status": "broken" if problem else info.get("status", "unknown"),
+        "status": "interrupted" if process_gone else status,
+        "process_gone": process_gone,
         "problem": problem,
         "base_model": (info.get("model") or {}).get("name"),
         "steps": final.get("global_step", logged.get("steps")),
@@ -125,7 +129,8 @@ def run_list(directory: Path, *, as_json: bool = False) -> list[dict]:
         change = r["eval_change"]
         change_text = (f"{change['base_loss']:.4f} -> {change['adapter_loss']:.4f} ({change['change']:+.4f})"
                        if change else "-")
-        table.add_row(r["name"], r["status"], _fmt(r["base_model"]), _fmt(r["steps"]), _fmt(r["train_loss"]),
+        status = "interrupted (process gone)" if r["process_gone"] else r["status"]
+        table.add_row(r["name"], status, _fmt(r["base_model"]), _fmt(r["steps"]), _fmt(r["train_loss"]),
                       _fmt(r["eval_loss"]), change_text, _fmt(r["created_at"]))
     console = Console(highlight=False)
     if not console.is_terminal:  # piped: full lines rather than the 80-column default

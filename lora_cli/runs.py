@@ -251,12 +251,23 @@ def prepare_run_dir(output_dir: str | Path, *, resume: bool, overwrite: bool, ke
                 f"nothing to resume: {paths.root} does not exist or is empty",
                 "Drop --resume to start the run.",
             )
+        if _our_run_json(paths) is None:  # e.g. the user's project folder: never trained into
+            raise RunDirError(
+                f"cannot resume {paths.root}: it is not a lora run directory (no run.json written by `lora train`)",
+                "Name a run directory that `lora train` made (e.g. runs/NAME), or drop --resume and "
+                "set output_dir to a new directory (e.g. output_dir=runs/NAME) to start a run.",
+            )
         _refuse_if_training(paths, "resume")
         return paths
     if exists:
         _refuse_if_training(paths, "replace")
         empty_handed = _stopped_before_first_step(paths)
         if not overwrite and not empty_handed:
+            if _our_run_json(paths) is None:
+                raise RunDirError(
+                    f"output_dir {paths.root} already exists and is not a lora run directory (no run.json written by `lora train`)",
+                    "Set output_dir to a new directory (e.g. output_dir=runs/NAME).",
+                )
             raise RunDirError(
                 f"the run directory {paths.root} already exists",
                 "Use --resume to continue it, --overwrite to replace it, "
@@ -274,7 +285,47 @@ def prepare_run_dir(output_dir: str | Path, *, resume: bool, overwrite: bool, ke
         paths.root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RunDirError(f"cannot create output_dir {paths.root}: {e.strerror or e}", "Choose another output_dir.") from None
+    _claim(paths)
     return paths
+
+
+def process_identity() -> dict:
+    """run.json's record of the process training a run: pid, its start time (where the system
+    tells it: a reused pid is another process) and host. runs.py sees from it whether the run
+    is still alive."""
+    import socket
+
+    pid = os.getpid()
+    return {"pid": pid, "pid_started": _pid_start_time(pid), "host": socket.gethostname()}
+
+
+def _claim(paths: RunPaths) -> None:
+    """Claim a fresh run directory in one step: run.json appears whole, already "running" with
+    this process's pid, or not at all. Two `lora train` started together on one output_dir: the
+    second finds the first's live claim and stops; it never takes it for a dead run."""
+    data = {"status": "running", **process_identity(), "created_at_unix": time.time()}
+    tmp = None
+    try:
+        # Written beside the directory, not in it: another `lora train` looking in now sees an
+        # empty directory or the whole claim, never a stray file.
+        fd, tmp = tempfile.mkstemp(prefix=f".{paths.root.name}.run.json.", suffix=".tmp", dir=paths.root.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(data, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, paths.run_json)  # fails if run.json exists: the claim is atomic
+    except FileExistsError:
+        other = _our_run_json(paths) or {}
+        raise RunDirError(
+            f"cannot start a run in {paths.root}: another `lora train` (process {other.get('pid', '?')}) started there at the same moment",
+            "Wait for it to finish, or set output_dir to another directory (e.g. output_dir=runs/other).",
+        ) from None
+    except OSError:  # an unwritable parent, no hard links here: claim it without the atomic check
+        atomic_write_json(paths.run_json, data)
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
 def _refuse_a_file(root: Path) -> None:
@@ -299,31 +350,62 @@ def _our_run_json(paths: RunPaths) -> dict | None:
     return data
 
 
-def _pid_alive(pid: int) -> bool:
+def _pid_start_time(pid: int) -> int | None:
+    """When process `pid` started (Linux: field 22 of /proc/PID/stat, in clock ticks since boot);
+    None where the system does not say."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8", errors="replace")
+        # "PID (comm) state ...": comm may hold spaces and parentheses; fields after the last ")"
+        # start at field 3, so field 22 is the 20th of them.
+        return int(stat[stat.rindex(")") + 1:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _pid_alive(pid: int, started: Any = None) -> bool:
+    """Whether process `pid` exists and, where its start time `started` was recorded and the
+    system tells it, is the same process (a pid is reused by an unrelated process after exit)."""
     try:
         os.kill(pid, 0)  # signal 0: nothing is sent, only whether the process exists
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by another user
-        return True
+        pass
     except (OSError, OverflowError):
         return False
+    if isinstance(started, int) and not isinstance(started, bool):
+        now = _pid_start_time(pid)
+        if now is not None and now != started:
+            return False
     return True
+
+
+def run_process_alive(data: dict) -> bool | None:
+    """For a run.json whose status is "running": is the process training it alive? False when
+    it is gone (killed, crashed, machine rebooted: an interrupted run), None when we cannot tell
+    (no pid recorded, or another machine's process on a shared disk)."""
+    import socket
+
+    pid = data.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        return None
+    if data.get("host") not in (None, socket.gethostname()):
+        return None
+    if pid == os.getpid():
+        return True
+    return _pid_alive(pid, data.get("pid_started"))
 
 
 def _refuse_if_training(paths: RunPaths, action: str) -> None:
     """A run whose process is still alive on this host is never resumed or replaced under it:
     both processes would write the same checkpoints, metrics and run.json. A stale "running"
     (the process is gone: killed, crashed, machine rebooted) is an interrupted run."""
-    import socket
-
     data = _our_run_json(paths) or {}
     pid = data.get("pid")
-    if data.get("status") != "running" or not isinstance(pid, int) or pid == os.getpid():
+    if data.get("status") != "running" or pid == os.getpid():
         return
-    if data.get("host") not in (None, socket.gethostname()):
-        return  # another machine's process (shared disk): we cannot tell whether it is alive
-    if _pid_alive(pid):
+    # None: no pid, or another machine's process (shared disk): we cannot tell whether it is alive
+    if run_process_alive(data):
         raise RunDirError(
             f"cannot {action} {paths.root}: it is still training (process {pid}, run.json status running)",
             f"Wait for it to finish, or stop it first (`kill -INT {pid}` saves a checkpoint), then use --resume or --overwrite.",
@@ -334,8 +416,10 @@ def _stopped_before_first_step(paths: RunPaths) -> bool:
     """A run of ours that ended before its first optimizer step (bad data or model found after
     the directory was made): run.json, recipe.yaml and empty leftovers, nothing worth keeping."""
     data = _our_run_json(paths)
-    if data is None or data.get("status") == "completed":
-        return False
+    if data is None or data.get("status") in (None, "completed"):
+        return False  # no status yet: a run just starting (another `lora train` at the same moment)
+    if data.get("status") == "running" and run_process_alive(data) is not False:
+        return False  # still alive, or we cannot tell
     for entry in paths.root.iterdir():
         if entry.is_symlink():
             return False
@@ -365,10 +449,40 @@ def _check_deletable(paths: RunPaths, keep) -> None:
                               f"Move {item} out of {root}, or set output_dir to another directory.")
     foreign = sorted(e.name for e in root.iterdir()
                      if e.name not in RUN_ENTRIES and not any(e.name.startswith(f".{name}.") for name in RUN_ENTRIES))
+    foreign += _foreign_inside(paths)
     if foreign:
         listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise RunDirError(f"output_dir {root} holds files that `lora` did not write ({listed}); refusing to delete them",
                           f"Move them out of {root}, or choose another output_dir.")
+
+
+# What the adapter save writes into adapter/: PEFT's adapter files and model card, and the
+# tokenizer's files (vocabulary files differ by tokenizer type).
+ADAPTER_SAVE_FILES = {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md",
+                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                 "chat_template.jinja", "chat_template.json", "additional_chat_templates", "vocab.json",
+                 "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model"}
+
+
+def _foreign_inside(paths: RunPaths) -> list[str]:
+    """Files inside the run's own folders that `lora` did not write there (shown as adapter/x)."""
+    from lora_cli.checkpoints import STAGING_PREFIX, checkpoint_step
+
+    foreign = []
+    if paths.adapter.is_dir() and not paths.adapter.is_symlink():
+        foreign += [f"adapter/{e.name}" for e in paths.adapter.iterdir() if e.name not in ADAPTER_SAVE_FILES]
+    if paths.checkpoints.is_dir() and not paths.checkpoints.is_symlink():
+        foreign += [f"checkpoints/{e.name}" for e in paths.checkpoints.iterdir()
+                    if not (e.name.startswith(STAGING_PREFIX) or (checkpoint_step(e) is not None and e.is_dir()))]
+    if paths.merged.is_dir() and not paths.merged.is_symlink() and any(paths.merged.iterdir()):
+        from lora_cli.merge import MARKER, files_merge_did_not_write
+
+        unlisted = files_merge_did_not_write(paths.merged)
+        if unlisted is None:  # not written by `lora merge` (no lora_merge.json)
+            foreign.append(f"merged/ (no {MARKER}: not written by `lora merge`)")
+        else:
+            foreign += [f"merged/{name}" for name in unlisted]
+    return sorted(foreign)
 
 
 def run_started(root: Path) -> float:

@@ -385,7 +385,9 @@ def make_trainer_class():
         def _final_loss_finite(self) -> bool:
             if self._last_good_inputs is None:  # no finite step at all: train_loss says so
                 return True
-            model = self.model
+            # (FSDP / ZeRO-3 shard the weights: their wrapper gathers them, every rank takes part,
+            # as every rank is here: the skip was agreed)
+            model = self.model_wrapped if self.is_fsdp_enabled or self.is_deepspeed_enabled else self.model
             was_training = model.training
             model.eval()
             try:
@@ -547,11 +549,11 @@ def _open_run(recipe: Recipe, recipe_path: str | None, *, resume: bool, overwrit
     process only: the other ranks print nothing of it). The third value is the final metrics of a
     completed run that --resume found with nothing left to do (None: train)."""
     import json
-    import socket
 
     import torch
 
-    from lora_cli.distributed import check_engine_supports
+    from lora_cli.distributed import check_engine_supports, world_size
+    from lora_cli.runs import process_identity
 
     check_engine_supports(recipe.model.quantization, cuda=torch.cuda.is_available())
     # Files this run reads: a directory holding one is never deleted to make room for the run.
@@ -569,6 +571,16 @@ def _open_run(recipe: Recipe, recipe_path: str | None, *, resume: bool, overwrit
             print(f"{paths.root} is already complete (step {final.get('global_step', '?')}): nothing to do; "
                   f"the adapter is in {paths.adapter}")
             return paths, None, final
+        started_with = record.get("num_processes")
+        if isinstance(started_with, int) and started_with != world_size():
+            # The global batch (batch_size x grad_accum x processes) and the data position a
+            # checkpoint resumes at both depend on it: another count learns something else.
+            raise RunDirError(
+                f"cannot resume {paths.root}: it trained with {started_with} process{'es' if started_with != 1 else ''}, "
+                f"this resume has {world_size()}",
+                f"Resume with the same count: lora train --resume {paths.root} --num-processes {started_with}"
+                f"{' (or accelerate launch --num_processes ' + str(started_with) + ')' if started_with > 1 else ''}.",
+            )
         checkpoint = latest_checkpoint(paths)
         # (a complete checkpoint's trainer_state.json parses: checkpoints.incomplete_reason)
         state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")) if checkpoint else {}
@@ -589,7 +601,8 @@ def _open_run(recipe: Recipe, recipe_path: str | None, *, resume: bool, overwrit
         print(f"resuming {paths.root} from {checkpoint.name}" if checkpoint else f"no complete checkpoint in {paths.root}: starting from step 0")
     else:
         now = time.time()
-        update_run_json(paths, name=paths.root.name, created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), created_at_unix=now)
+        update_run_json(paths, name=paths.root.name, created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), created_at_unix=now,
+                        num_processes=world_size())
     # Valid recipe, run directory open: show what this run trains with, as `lora validate` does.
     # Read before recipe.yaml is rewritten below (a resumed run directory's recipe is that file).
     print(f"recipe (resolved; lora validate {recipe_path or 'RECIPE'} shows the data preview):")
@@ -602,8 +615,8 @@ def _open_run(recipe: Recipe, recipe_path: str | None, *, resume: bool, overwrit
     if allocator == "system" and os.environ.get("LORA_ALLOCATOR") != "system":
         print(f"tip: tcmalloc makes CPU training steps faster and leaner (make bench): {INSTALL_HINT}")
     update_run_json(
-        paths, status="running", recipe_path=recipe_path, versions=library_versions(), pid=os.getpid(),
-        host=socket.gethostname(), allocator=allocator,  # pid + host: runs.py sees whether it is still alive
+        paths, status="running", recipe_path=recipe_path, versions=library_versions(),
+        **process_identity(), allocator=allocator,  # pid, start time, host: runs.py sees whether it is still alive
     )
     return paths, checkpoint, None
 

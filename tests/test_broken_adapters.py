@@ -137,3 +137,42 @@ def test_a_diverged_adapter_is_reported_as_such(runs, tmp_path, monkeypatch, cap
     assert "are non-finite" in err and "diverged" in err and "nothing was saved" in err
     assert "matches the run's base model" not in err and "Traceback" not in err
     assert not (run / "merged").exists()
+
+
+def drop_layer_one(adapter: Path) -> int:
+    """Remove every tensor of the adapter's second layer; returns how many were dropped."""
+    from safetensors.torch import load_file, save_file
+
+    weights = adapter / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    kept = {k: v for k, v in tensors.items() if ".h.1." not in k}
+    save_file(kept, weights)
+    return len(tensors) - len(kept)
+
+
+def test_an_incomplete_adapter_is_refused(runs, tmp_path, monkeypatch, capsys):
+    """peft loads an adapter missing tensors with a mere warning (those layers then act as the base):
+    wrong numbers with exit 0. Refused instead, saying how many are missing."""
+    run = copy_run(runs["gpt2"], tmp_path)
+    dropped = drop_layer_one(run / "adapter")
+    assert dropped > 0
+    for args in commands(run):
+        code, out, err = lora(monkeypatch, capsys, *args)
+        assert code == EXIT_USAGE, (args[0], err)
+        assert f"{run / 'adapter'}: the adapter is incomplete: {dropped} of its {2 * dropped} tensors are missing" in err, err
+        assert "h.1." in err and "hint:" in err and "Traceback" not in err and out == "", (args[0], err)
+    assert not (run / "eval.json").exists() and not (run / "merged").exists()
+
+
+def test_an_adapter_whose_config_disagrees_with_its_weights_says_so(runs, tmp_path, monkeypatch, capsys):
+    """adapter_config.json's r edited (or restored from another run): the base model is not at fault."""
+    run = copy_run(runs["gpt2"], tmp_path)
+    config_path = run / "adapter" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["r"] = config["r"] // 2
+    config_path.write_text(json.dumps(config))
+    for args in commands(run):
+        code, out, err = lora(monkeypatch, capsys, *args)
+        assert code == EXIT_USAGE, (args[0], err)
+        assert "do not have the rank its adapter_config.json gives" in err and "size mismatch" in err, err
+        assert "trained on another model" not in err and "Traceback" not in err and out == "", (args[0], err)

@@ -88,7 +88,8 @@ CASES = [
     Case("resume-missing-run", ["train", "--resume", "{tmp}/runs/never"], 2, ["nothing to resume", "runs/never", "hint:"]),
     R("resume-empty-output", _recipe("output_dir: {tmp}/runs/empty\n"), 2, ["nothing to resume", "runs/empty", "Drop --resume"], "--resume", command="train"),
     R("existing-run", _recipe("output_dir: {tmp}/runs/exists\n"), 2, ["runs/exists already exists", "--resume", "--overwrite"], command="train",
-      files={"runs/exists/run.json": "{}", "runs/exists/recipe.yaml": "model:\n  name: x\n"}),
+      files={"runs/exists/run.json": '{"status": "interrupted", "created_at_unix": 1}', "runs/exists/recipe.yaml": "model:\n  name: x\n",
+             "runs/exists/metrics.jsonl": '{"step": 1, "loss": 2.0}\n'}),  # it trained: not restarted silently
     Case("merge-missing-run", ["merge", "{tmp}/runs/never"], 2, ["run directory", "runs/never does not exist", "hint:"]),
     Case("eval-no-adapter", ["eval", "{tmp}/runs/half"], 2, ["runs/half has no finished adapter", "--resume"],
          files={"runs/half/run.json": '{"status": "interrupted"}', "runs/half/recipe.yaml": "model:\n  name: x\n"}),

@@ -8,6 +8,7 @@ accelerate's seedable sampler gives both the same shuffled order and rank r take
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -184,6 +185,34 @@ def test_ctrl_c_in_one_rank_stops_all_at_the_same_step(model_dir, train_file, tm
     assert "Traceback" not in err, err[-3000:]
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=["SIGTERM", "SIGHUP", "SIGINT"])
+def test_sigterm_to_the_outer_process_stops_every_rank(model_dir, train_file, tmp_path, sig):
+    """`kill PID` of `lora train --num-processes 2` (what people and job tools send to the process
+    they started): the launcher and both ranks stop as on Ctrl-C, with a checkpoint, exit 143.
+    SIGHUP (the terminal closed) stops them the same way; Ctrl-C (SIGINT to it) with exit 130."""
+    import psutil
+
+    proc, ranks = start_long_run(model_dir, train_file, tmp_path)
+    launcher = psutil.Process(proc.pid).children()
+    try:
+        proc.send_signal(sig)
+        out, err = assert_all_ended(proc, ranks)
+        assert proc.returncode == (130 if sig == signal.SIGINT else 143), err[-3000:]
+        _, alive = psutil.wait_procs(launcher, timeout=5)
+        assert not alive, f"launcher still running: {alive}"
+    finally:  # never leave orphans training (the bug this test is about)
+        for child in [*launcher, *ranks.values()]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+    run_dir = tmp_path / "runs" / "long"
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "interrupted" and record["num_processes"] == 2
+    steps = {line.split("interrupted at step ")[1].split(";")[0] for line in err.splitlines() if "interrupted at step" in line}
+    assert len(steps) == 1, err[-3000:]
+    assert (run_dir / "checkpoints" / f"checkpoint-{steps.pop()}" / "trainer_state.json").is_file()
+    assert "Traceback" not in err, err[-3000:]
+
+
 # --------------------------------------------------------------------------- no processes needed
 
 
@@ -293,3 +322,40 @@ def test_shipped_accelerate_configs(path):
 
 def test_all_engine_configs_shipped():
     assert {p.name for p in ACCELERATE_CONFIGS} == {"ddp.yaml", "fsdp.yaml", "deepspeed-zero2.yaml", "deepspeed-zero3.yaml"}
+
+
+@pytest.mark.parametrize("steps, batch", [(7, {"batch_size": 4}), (7, {"batch_size": 2, "grad_accum": 2}),
+                                          (8, {"batch_size": 4})], ids=["b4", "b2x2", "b4-last-step-skipped"])
+def test_a_nonfinite_batch_on_one_rank_is_skipped_by_every_rank(tiny_llama, tmp_path, steps, batch):
+    """The poisoned Llama (tests/test_nonfinite.py): a batch holding its NaN token has a NaN loss.
+    With 2 processes the bad batch is on one rank only. The ranks agree before the backward and
+    all skip that step, so the run learns, logs and skips exactly what one process with the same
+    global batch does. (Each rank used to decide alone after DDP had averaged the NaN gradients
+    into all of them: the other rank stepped into NaN weights and the run failed.)"""
+    from tests.test_nonfinite import _poisoned_llama
+
+    model = _poisoned_llama(tiny_llama, tmp_path, "<|im_start|>")
+    rows = completion_rows(repeat=2)
+    rows[3] = {"prompt": "Define: ten\n", "completion": "<|im_start|> poison"}
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    from lora_cli.train import run_training
+
+    # 16 rows, 8 per step: steps 1, 3, 5 and 8 hold the poisoned row.
+    reference = run_training(tiny_recipe(model, data, tmp_path / "runs" / "single",
+                                         train={"max_steps": steps, "batch_size": 8, "log_every": 1, "seed": 42}),
+                             recipe_path=None, resume=False, overwrite=False).paths.root
+    recipe = write_recipe(tmp_path / "ddp.yaml", model, data, tmp_path / "runs" / "ddp", max_steps=steps, **batch)
+    result = run([sys.executable, "-m", "lora_cli", "train", str(recipe), "--num-processes", "2"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    run_dir = tmp_path / "runs" / "ddp"
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
+    ours = [m for m in read_metrics(run_dir) if "loss" in m]
+    theirs = [m for m in read_metrics(reference) if "loss" in m]
+    assert [m["step"] for m in ours] == list(range(1, steps + 1))
+    skipped = [m["step"] for m in theirs if m.get("skipped_steps")]
+    assert skipped == [1, 3, 5, 8][:3 if steps == 7 else 4] and [m["step"] for m in ours if m.get("skipped_steps")] == skipped
+    assert all(m["loss"] == "nan" for m in ours if m.get("skipped_steps"))
+    finite = [m["loss"] for m in ours if not m.get("skipped_steps")]
+    assert finite == pytest.approx([m["loss"] for m in theirs if not m.get("skipped_steps")], abs=1e-4)
+    assert f"warning: {len(skipped)} of {steps} steps were skipped" in result.stdout
+    assert_loads_with_plain_peft(model, run_dir / "adapter", reference / "adapter")

@@ -241,3 +241,38 @@ def test_cli_eval_json(run, heldout, tmp_path):
     assert printed["data"]["rows"] == len(rows)
     assert printed["adapter"]["loss"] < printed["base"]["loss"]
     assert f"run: {run}" in result.stderr
+
+
+def test_eval_that_cannot_write_eval_json_says_so_and_keeps_the_numbers(run, tmp_path, monkeypatch, capsys):
+    """A run directory that cannot take eval.json is refused before any work (exit 2); a write that
+    fails at the end (disk full) still shows the numbers, then exits 1: never a traceback."""
+    import errno
+    import shutil
+
+    import lora_cli.runs
+
+    copy = tmp_path / "runs" / "copy"
+    copy.mkdir(parents=True)
+    for name in ("recipe.yaml", "run.json"):
+        shutil.copy(run / name, copy / name)
+    (copy / "adapter").symlink_to(run / "adapter")
+
+    (copy / "eval.json").mkdir()
+    code, out, err = lora(monkeypatch, capsys, "eval", copy)
+    assert code == EXIT_USAGE and f"cannot write {copy / 'eval.json'}: it is a directory" in err, err
+    assert out == "" and "run:" not in err and "Traceback" not in err
+    (copy / "eval.json").rmdir()
+
+    before = {"loss": 1.0}
+    (copy / "eval.json").write_text(json.dumps(before))
+
+    def disk_full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(lora_cli.runs, "atomic_write_json", disk_full)
+    code, out, err = lora(monkeypatch, capsys, "eval", copy)
+    assert code == 1, err
+    assert "perplexity" in out and "adapter" in out  # the table, all the same
+    assert f"cannot write {copy / 'eval.json'}: No space left on device" in err and "hint:" in err
+    assert "Traceback" not in err
+    assert json.loads((copy / "eval.json").read_text()) == before

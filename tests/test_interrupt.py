@@ -237,3 +237,43 @@ def test_a_signal_during_the_ranks_agreement_waits_for_the_next_step(monkeypatch
     assert stopper.received == signal.SIGINT  # remembered for the next agreement
     second = stopper.on_step_end(None, None, TrainerControl())
     assert second.should_training_stop and second.should_save and stopper.stopped
+
+
+def test_ctrl_c_on_the_last_step_completes_the_run(tiny_gpt2, tmp_path, monkeypatch, capsys):
+    """A Ctrl-C agreed at the end of the last step: nothing is left to train, so the adapter is
+    saved and the run is complete (it used to exit 130, and --resume retrained from step 0)."""
+    import lora_cli.callbacks
+    from safetensors.torch import load_file
+
+    from lora_cli.train import run_training
+    from tests.helpers import completion_rows, tiny_recipe
+
+    class CtrlCAtStep4(lora_cli.callbacks.StopOnSignalCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 4 and self.received is None:
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().on_step_end(args, state, control, **kwargs)
+
+    data = write_jsonl(tmp_path / "train.jsonl", completion_rows())
+    reference = run_training(tiny_recipe(tiny_gpt2, data, tmp_path / "straight", train={"max_steps": 4}),
+                             recipe_path=None, resume=False, overwrite=False).final
+    monkeypatch.setattr(lora_cli.callbacks, "StopOnSignalCallback", CtrlCAtStep4)
+    capsys.readouterr()
+    result = run_training(tiny_recipe(tiny_gpt2, data, tmp_path / "run", train={"max_steps": 4}),
+                          recipe_path=None, resume=False, overwrite=False)
+    out = capsys.readouterr().out
+    assert "Ctrl-C came after the last step (4/4): the training is complete; saving the adapter" in out
+    assert "adapter saved to" in out
+    run = tmp_path / "run"
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "completed" and record["final"]["global_step"] == 4
+    assert result.final["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-6)
+    ours, theirs = load_file(run / "adapter" / "adapter_model.safetensors"), load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch_equal(ours[k], theirs[k]) for k in ours)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # our handler is removed again
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)

@@ -42,3 +42,14 @@ def test_a_misspelt_module_to_save_is_an_error(tiny_gpt2, tmp_path):
                         gradient_checkpointing=False)
     plain = attach_lora(_base(tiny_gpt2, tmp_path), LoraSection(), quantized=False, gradient_checkpointing=False)
     assert saved.get_nb_trainable_parameters()[0] > plain.get_nb_trainable_parameters()[0]
+
+
+def test_estimate_and_validate_catch_a_misspelt_module_to_save_too(tiny_gpt2, tmp_path, monkeypatch, capsys):
+    from tests.helpers import completion_rows, lora_in_process, write_jsonl
+
+    data = write_jsonl(tmp_path / "train.jsonl", completion_rows())
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {{name: {tiny_gpt2}}}\ndata: {{train: {data}, max_length: 64}}\nlora: {{modules_to_save: [lm_haed]}}\n")
+    for command in ("estimate", "validate"):
+        code, out, err = lora_in_process(monkeypatch, capsys, command, recipe)
+        assert code == 2 and "lora.modules_to_save: lm_haed not found" in err, (command, err)

@@ -287,3 +287,99 @@ def test_cli_merge_latest_run(runs, tmp_path):
     )
     assert again.returncode == EXIT_USAGE
     assert "already exists" in again.stderr and "--overwrite" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_merge_overwrite_keeps_user_files_in_a_merge_without_a_valid_marker(runs, tmp_path, monkeypatch, capsys):
+    """A merge made before lora_merge.json existed (or whose marker is damaged) is recognised by its
+    model card, but which files it wrote is unknown: anything a merge does not write is the user's."""
+    run = copy_run(runs["lora"], tmp_path)
+    out_dir = tmp_path / "older-merge"
+    run_merge(run, output=out_dir)
+    (out_dir / "NOTES.txt").write_text("my notes")
+    (out_dir / "gguf").mkdir()
+    (out_dir / "gguf" / "model.gguf").write_text("x")
+    capsys.readouterr()
+    for marker in (None, "{bad", '{"files": "README.md"}'):
+        if marker is None:
+            (out_dir / "lora_merge.json").unlink()
+        else:
+            (out_dir / "lora_merge.json").write_text(marker)
+        code, out, err = lora(monkeypatch, capsys, "merge", run, "-o", out_dir, "--overwrite")
+        assert code == EXIT_USAGE, (marker, err)
+        assert "did not write" in err and "NOTES.txt" in err and "gguf/" in err and "Traceback" not in err, err
+        assert "verify:" not in out
+        assert (out_dir / "NOTES.txt").read_text() == "my notes" and (out_dir / "gguf" / "model.gguf").read_text() == "x"
+    # Once they are moved out, the older merge is replaced as before.
+    (out_dir / "NOTES.txt").unlink()
+    shutil.rmtree(out_dir / "gguf")
+    run_merge(run, output=out_dir, overwrite=True)
+    assert json.loads((out_dir / "lora_merge.json").read_text())["files"]
+
+
+def test_merge_refuses_an_output_it_cannot_write_before_any_work(runs, tmp_path, monkeypatch, capsys):
+    import transformers
+
+    run = copy_run(runs["lora"], tmp_path)
+    (tmp_path / "afile").write_text("a file")
+    for output, message in [(tmp_path / "afile" / "sub", f"{tmp_path / 'afile'} is a file, not a directory"),
+                            (tmp_path / "afile" / "a" / "b", f"{tmp_path / 'afile'} is a file, not a directory"),
+                            (Path("/proc/lora-merged-x"), "cannot create anything in /proc")]:
+        code, out, err = lora(monkeypatch, capsys, "merge", run, "-o", output)
+        assert code == EXIT_USAGE, (output, err)
+        assert f"cannot write --output {output}: " in err and message in err and "hint:" in err, err
+        assert "Traceback" not in err and out == ""  # refused before loading or verifying anything
+    assert (tmp_path / "afile").read_text() == "a file"
+
+    # A write that fails at the end (disk full): exit 1 with a message, the old merge kept, no leftovers.
+    out_dir = tmp_path / "out" / "merged"
+    run_merge(run, output=out_dir)
+    before = tree_digest(out_dir)
+    capsys.readouterr()
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device", str(args[0]) if args else None)
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", disk_full)
+    code, out, err = lora(monkeypatch, capsys, "merge", run, "-o", out_dir, "--overwrite")
+    assert code == EXIT_RUNTIME, err
+    assert f"saving the merged model to {out_dir} failed: No space left on device" in err and "Traceback" not in err
+    assert tree_digest(out_dir) == before
+    assert [p.name for p in out_dir.parent.iterdir()] == ["merged"]
+
+
+def test_merge_never_writes_inside_the_base_model_directory(runs, tmp_path, monkeypatch, capsys):
+    import yaml
+
+    base = tmp_path / "models" / "my-llama"
+    shutil.copytree(runs["llama"], base)
+    run = copy_run(runs["lora"], tmp_path)
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["model"]["name"] = str(base)
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    before = tree_digest(base)
+    names = {p.name for p in base.iterdir()}
+    for output in (base / "sub", base / "a" / "b"):
+        code, out, err = lora(monkeypatch, capsys, "merge", run, "-o", output)
+        assert code == EXIT_USAGE, err
+        assert "is inside the run's base model directory" in err and "hint:" in err and "Traceback" not in err
+    assert tree_digest(base) == before and {p.name for p in base.iterdir()} == names
+
+
+def test_merge_overwrite_refuses_a_merge_another_run_trained_on(runs, tmp_path, monkeypatch, capsys):
+    """runs/B was trained on runs/A/merged: re-merging A over it would change B's base under B."""
+    from tests.helpers import chat_rows
+
+    run_a = copy_run(runs["lora"], tmp_path)
+    run_merge(run_a)
+    run_b = train(tmp_path, "on-merged", run_a / "merged", chat_rows(1), train={"max_steps": 2, "save_every": 1000})
+    before = tree_digest(run_a / "merged")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for cwd in (tmp_path, elsewhere):  # found under ./runs and beside run A
+        monkeypatch.chdir(cwd)
+        code, out, err = lora(monkeypatch, capsys, "merge", run_a, "--overwrite")
+        assert code == EXIT_USAGE, err
+        assert f"is the base model of run {run_b}" in err and "--output" in err and "Traceback" not in err, err
+    assert tree_digest(run_a / "merged") == before
+    # Another output is fine.
+    run_merge(run_a, output=tmp_path / "merged-2")

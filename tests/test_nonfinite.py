@@ -173,3 +173,25 @@ def test_non_finite_adapter_weights_are_never_saved_as_completed(tiny_gpt2, tmp_
     assert isinstance(read_metrics(tmp_path / "run")[0]["loss"], float)  # the step itself was fine
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "failed"
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_a_skipped_last_step_still_completes_the_run(tiny_llama, tmp_path, capsys):
+    """The poisoned row falls in steps 1 and 6 (16 rows, batch 4, seed 42): with max_steps 6 the
+    last step is skipped. It changed no weight (they are step 5's, finite and giving a finite
+    loss), so the run is complete, with the usual warning; it used to fail as "diverged"."""
+    from safetensors.torch import load_file
+
+    model = _poisoned_llama(tiny_llama, tmp_path, "<|im_start|>")
+    rows = completion_rows(repeat=2)
+    rows[3] = {"prompt": "Define: ten\n", "completion": "<|im_start|> poison"}
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    recipe = tiny_recipe(model, data, tmp_path / "run", train={"max_steps": 6, "batch_size": 4, "log_every": 1})
+    result = run_training(recipe, recipe_path=None, resume=False, overwrite=False)
+    steps = [m for m in read_metrics(tmp_path / "run") if "loss" in m]
+    assert [m["step"] for m in steps if m.get("skipped_steps")] == [1, 6]
+    assert result.final["skipped_steps"] == 2 and result.final["global_step"] == 6
+    assert "warning: 2 of 6 steps were skipped (non-finite loss)" in capsys.readouterr().out
+    status = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert status["status"] == "completed"
+    weights = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    assert weights and all(torch.isfinite(w).all() for w in weights.values())

@@ -190,14 +190,25 @@ def test_resume_of_a_completed_run_does_nothing(straight_run, tiny_gpt2, monkeyp
 
 
 def test_resume_after_a_stop_on_the_last_step_trains_no_step_past_the_end(tiny_gpt2, tmp_path, capsys):
-    """Ctrl-C on the last step (6, mid epoch 2) saves checkpoint-6 but no adapter. The Trainer
-    resumed from it would train a step 7 of 6: the last stretch is redone from checkpoint-4."""
+    """Stopped after the last step (6, mid epoch 2) had saved checkpoint-6, before the adapter was
+    saved (here a Ctrl-C while the adapter is written; a Ctrl-C on the step itself completes the
+    run). The Trainer resumed from checkpoint-6 would train a step 7 of 6: the last stretch is
+    redone from checkpoint-4."""
+    import peft.peft_model
+
     train = {"max_steps": 6, "epochs": 1, "save_every": 4}
     reference = run_training(_recipe(tiny_gpt2, tmp_path, "straight", train=train), recipe_path=None,
                              resume=False, overwrite=False).paths.root
     recipe = _recipe(tiny_gpt2, tmp_path, "last", train=train)
+    real_save = peft.peft_model.safe_save_file
+
+    def save_then_ctrl_c(tensors, filename, *args, **kwargs):
+        real_save(tensors, filename, *args, **kwargs)
+        if "checkpoint-" not in str(filename):  # the final adapter
+            os.kill(os.getpid(), signal.SIGINT)
+
     mp = pytest.MonkeyPatch()
-    mp.setattr(lora_cli.callbacks, "StopOnSignalCallback", _interrupting_callback(6))
+    mp.setattr(peft.peft_model, "safe_save_file", save_then_ctrl_c)
     try:
         with pytest.raises(Interrupted):
             run_training(recipe, recipe_path=None, resume=False, overwrite=False)
@@ -348,3 +359,58 @@ def test_resumed_run_reports_the_whole_runs_final_loss(straight_run, tiny_gpt2, 
     assert len(losses) == 12 and straight["train_loss"] == pytest.approx(sum(losses) / 12, rel=1e-6)
     saved = json.loads((tmp_path / "runs" / "resumed" / "run.json").read_text())["final"]
     assert saved["train_loss"] == result.final["train_loss"]
+
+
+def test_resume_drops_the_metrics_of_the_steps_it_redoes(tiny_gpt2, tmp_path):
+    """Killed at step 5 after checkpoint-4 (checkpoint-5 never written), with a log line cut off:
+    --resume redoes step 5, and metrics.jsonl holds each step once, as the uninterrupted run's
+    (it used to hold steps 1-5, then 5-6 again, so loss.png doubled back)."""
+    train = {"max_steps": 6, "epochs": 1, "save_every": 4}
+    reference = run_training(_recipe(tiny_gpt2, tmp_path, "straight", train=train), recipe_path=None,
+                             resume=False, overwrite=False).paths.root
+    recipe = _recipe(tiny_gpt2, tmp_path, "killed", train=train)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(lora_cli.callbacks, "StopOnSignalCallback", _interrupting_callback(5))
+    try:
+        with pytest.raises(Interrupted):
+            run_training(recipe, recipe_path=None, resume=False, overwrite=False)
+    finally:
+        mp.undo()
+    run = tmp_path / "runs" / "killed"
+    shutil.rmtree(run / "checkpoints" / "checkpoint-5")  # as if killed before it was saved
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 6, "lo')  # a write cut off by the kill
+    before = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()[:-1]]
+    assert [m["step"] for m in before if "loss" in m] == [1, 2, 3, 4, 5]
+    result = run_training(recipe, recipe_path=None, resume=True, overwrite=False)
+    assert result.final["global_step"] == 6
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    metrics = [json.loads(line) for line in lines]  # every line parses
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4, 5, 6]
+    expected = [m["loss"] for m in read_metrics(reference) if "loss" in m]
+    assert [m["loss"] for m in metrics if "loss" in m] == pytest.approx(expected, rel=1e-5)
+
+
+def test_resume_refuses_another_process_count(tiny_gpt2, tmp_path, monkeypatch, capsys):
+    """The global batch (batch_size × grad_accum × processes) and the data position a checkpoint
+    resumes at depend on the process count: run.json records it, a resume with another is refused."""
+    recipe = _recipe(tiny_gpt2, tmp_path, "procs", train={"max_steps": 4, "epochs": 1, "save_every": 2})
+    mp = pytest.MonkeyPatch()
+    mp.setattr(lora_cli.callbacks, "StopOnSignalCallback", _interrupting_callback(2))
+    try:
+        with pytest.raises(Interrupted):
+            run_training(recipe, recipe_path=None, resume=False, overwrite=False)
+    finally:
+        mp.undo()
+    paths = RunPaths(tmp_path / "runs" / "procs")
+    record = json.loads(paths.run_json.read_text())
+    assert record["num_processes"] == 1
+    # As a 2-process run (`--num-processes 2`) records itself; resumed here with one.
+    paths.run_json.write_text(json.dumps({**record, "num_processes": 2}))
+    with pytest.raises(RunDirError, match="trained with 2 processes, this resume has 1") as info:
+        run_training(recipe, recipe_path=None, resume=True, overwrite=False)
+    assert info.value.exit_code == 2 and "--num-processes 2" in info.value.hint
+    assert json.loads(paths.run_json.read_text())["status"] == "interrupted"  # untouched
+    paths.run_json.write_text(json.dumps(record))
+    result = run_training(recipe, recipe_path=None, resume=True, overwrite=False)
+    assert result.final["global_step"] == 4

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lora_cli.errors import RunDirError
-from lora_cli.runs import RunPaths, find_latest_run, resolve_run
+from lora_cli.runs import RunPaths, _pid_start_time, find_latest_run, resolve_run
 from lora_cli.train import run_training
 from tests.helpers import completion_rows, lora_in_process, tiny_recipe, write_jsonl
 
@@ -86,7 +86,8 @@ def test_a_run_still_training_is_never_replaced_or_resumed(tiny_gpt2, tmp_path):
     # Another process, alive, recorded as the one training this run (as `lora train` records itself).
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:
-        paths.run_json.write_text(json.dumps({**record, "status": "running", "pid": other.pid}))
+        paths.run_json.write_text(json.dumps({**record, "status": "running", "pid": other.pid,
+                                              "pid_started": _pid_start_time(other.pid)}))
         for flags in ({"overwrite": True}, {"resume": True}):
             with pytest.raises(RunDirError, match=f"still training \\(process {other.pid}") as info:
                 run_training(recipe, recipe_path=None, **{"resume": False, "overwrite": False, **flags})
@@ -175,3 +176,113 @@ def test_a_broken_run_json_is_listed_and_named_never_a_crash(content, problem, t
     assert problem in info.value.message
     code, _, err = lora_in_process(monkeypatch, capsys, "eval", "runs/b")
     assert code == 2 and problem in err and "Traceback" not in err
+
+
+def test_resume_never_trains_into_a_folder_that_is_not_a_run(tiny_gpt2, tmp_path, monkeypatch, capsys):
+    """The user's project folder (their own recipe.yaml and notes, no run.json of ours) is not a
+    run: --resume refuses it and changes nothing, and "already exists" does not suggest --resume."""
+    proj = tmp_path / "proj"
+    data = write_jsonl(tmp_path / "d.jsonl", completion_rows())
+    recipe = _recipe_file(proj / "recipe.yaml", tiny_gpt2, data, str(proj))
+    recipe.write_text("# my precious comments: keep!\n" + recipe.read_text())
+    (proj / "notes.txt").write_text("hello")
+    before = {p.name: p.read_bytes() for p in proj.iterdir()}
+    code, _, err = lora_in_process(monkeypatch, capsys, "train", recipe, "--resume")
+    assert code == 2 and "not a lora run directory" in err and "Traceback" not in err, err
+    code, _, err = lora_in_process(monkeypatch, capsys, "train", proj, "--resume")
+    assert code == 2 and "not a lora run directory" in err, err
+    assert {p.name: p.read_bytes() for p in proj.iterdir()} == before
+    code, _, err = lora_in_process(monkeypatch, capsys, "train", recipe)
+    assert code == 2 and "not a lora run directory" in err and "--resume" not in err, err
+    assert {p.name: p.read_bytes() for p in proj.iterdir()} == before
+
+
+def test_a_run_just_starting_is_never_taken_for_one_that_stopped(tiny_gpt2, tmp_path):
+    """Two `lora train` on one output_dir at the same moment: the second never deletes the first's
+    brand-new directory. The first run.json already says "running" with the live pid."""
+    import os
+
+    from lora_cli.runs import prepare_run_dir
+
+    paths = prepare_run_dir(tmp_path / "fresh", resume=False, overwrite=False)
+    claim = json.loads(paths.run_json.read_text())
+    assert claim["status"] == "running" and claim["pid"] == os.getpid()
+    assert [p.name for p in paths.root.iterdir()] == ["run.json"]  # nothing left beside it
+
+    data = write_jsonl(tmp_path / "d.jsonl", completion_rows())
+    recipe = tiny_recipe(tiny_gpt2, data, tmp_path / "run", train={"max_steps": 2})
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text("written by the first run")
+    # A run.json with no status yet (as an older first write left it): a run starting, not a dead one.
+    (run / "run.json").write_text(json.dumps({"name": "run", "created_at_unix": 1.0}))
+    with pytest.raises(RunDirError, match="already exists"):
+        run_training(recipe, recipe_path=None, resume=False, overwrite=False)
+    # "running" with a live pid (another process, as it records itself): refused, never deleted.
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        (run / "run.json").write_text(json.dumps({"status": "running", "pid": other.pid, "created_at_unix": 1.0,
+                                                  "pid_started": _pid_start_time(other.pid)}))
+        with pytest.raises(RunDirError, match="still training"):
+            run_training(recipe, recipe_path=None, resume=False, overwrite=False)
+    finally:
+        other.kill()
+        other.wait()
+    assert (run / "recipe.yaml").read_text() == "written by the first run"
+    # Its process gone before the first step: now it is started again.
+    result = run_training(recipe, recipe_path=None, resume=False, overwrite=False)
+    assert result.final["global_step"] == 2
+
+
+def test_a_reused_or_dead_pid_is_not_a_live_run(tiny_gpt2, tmp_path, monkeypatch, capsys):
+    """run.json says "running", but its process is gone (kill -9) or its pid now belongs to an
+    unrelated process: `lora runs` says interrupted, and the run may be replaced or resumed."""
+    monkeypatch.chdir(tmp_path)
+    data = write_jsonl(tmp_path / "d.jsonl", completion_rows())
+    recipe = tiny_recipe(tiny_gpt2, data, tmp_path / "runs" / "k9", train={"max_steps": 2})
+    run_training(recipe, recipe_path=None, resume=False, overwrite=False)
+    capsys.readouterr()
+    paths = RunPaths(tmp_path / "runs" / "k9")
+    record = json.loads(paths.run_json.read_text())
+    assert isinstance(record["pid_started"], int)  # recorded with the pid (Linux)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        for pid, started in ((dead.pid, record["pid_started"]), (other.pid, _pid_start_time(other.pid) - 1)):
+            paths.run_json.write_text(json.dumps({**record, "status": "running", "pid": pid, "pid_started": started}))
+            code, out, err = lora_in_process(monkeypatch, capsys, "runs", "--json")
+            assert code == 0, err
+            (listed,) = json.loads(out)
+            assert listed["status"] == "interrupted" and listed["process_gone"] is True
+            code, out, err = lora_in_process(monkeypatch, capsys, "runs")
+            assert "interrupted (process gone)" in out
+        result = run_training(recipe, recipe_path=None, resume=False, overwrite=True)
+        assert result.final["global_step"] == 2
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_overwrite_keeps_user_files_inside_the_runs_own_folders(tiny_gpt2, tmp_path):
+    """adapter/ and merged/ are the run's, but a file of the user's inside them is not: --overwrite
+    refuses, naming it. A merged/ that `lora merge` wrote (its lora_merge.json lists every file) goes."""
+    data = write_jsonl(tmp_path / "d.jsonl", completion_rows())
+    recipe = tiny_recipe(tiny_gpt2, data, tmp_path / "run", train={"max_steps": 2})
+    run = run_training(recipe, recipe_path=None, resume=False, overwrite=False).paths.root
+    (run / "adapter" / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match="adapter/notes.txt"):
+        run_training(recipe, recipe_path=None, resume=False, overwrite=True)
+    (run / "adapter" / "notes.txt").unlink()
+    (run / "merged").mkdir()
+    (run / "merged" / "model-q4.gguf").write_text("gguf")  # no lora_merge.json: not `lora merge`'s
+    with pytest.raises(RunDirError, match="merged/"):
+        run_training(recipe, recipe_path=None, resume=False, overwrite=True)
+    (run / "merged" / "config.json").write_text("{}")
+    (run / "merged" / "lora_merge.json").write_text(json.dumps({"files": ["config.json"]}))
+    with pytest.raises(RunDirError, match="merged/model-q4.gguf"):
+        run_training(recipe, recipe_path=None, resume=False, overwrite=True)
+    assert (run / "merged" / "model-q4.gguf").read_text() == "gguf"
+    (run / "merged" / "model-q4.gguf").unlink()
+    result = run_training(recipe, recipe_path=None, resume=False, overwrite=True)
+    assert result.final["global_step"] == 2 and not (run / "merged").exists()
