@@ -213,24 +213,14 @@ def runs_based_on(output: Path, paths) -> list[Path]:
 
 def _run_base_path(run: Path) -> Path | None:
     """The local base model directory a run trained on, as recorded (None if none or unreadable)."""
-    try:
-        record = json.loads((run / "run.json").read_text(encoding="utf-8"))
-        model = record.get("model") or {}
-        if model.get("local_path"):
-            return Path(model["local_path"])
-        name = model.get("name")
-        if not name:
-            import yaml
+    from lora_cli.config import load_recipe
+    from lora_cli.runs import RunPaths, with_run_paths
 
-            name = (yaml.safe_load((run / "recipe.yaml").read_text(encoding="utf-8")).get("model") or {}).get("name")
-        if not isinstance(name, str) or not name:
-            return None
-        path = Path(name).expanduser()
-        if not path.is_absolute() and isinstance(record.get("working_dir"), str):
-            path = Path(record["working_dir"]) / path
-        return path if path.exists() else None
-    except Exception:  # another run's broken files are not this merge's business
+    try:
+        path = Path(with_run_paths(load_recipe(run / "recipe.yaml"), RunPaths(run)).model.name).expanduser()
+    except Exception:  # another run's broken files (or its deleted base) are not this merge's business
         return None
+    return path if path.exists() else None
 
 
 def resolve_merge_dtype(dtype: str | None, trained_dtype: str) -> str:

@@ -117,22 +117,24 @@ def _absolute_paths(recipe: Recipe) -> Recipe:
     import dataclasses
 
     def absolute(spec):
-        if isinstance(spec, list):
-            return [absolute(item) for item in spec]
-        if not isinstance(spec, str) or not Path(spec).expanduser().exists():
-            return spec
-        return str(Path(spec).expanduser().resolve())
+        return [absolute(item) for item in spec] if isinstance(spec, list) else _absolute_if_exists(spec)
 
     data = dataclasses.replace(recipe.data, train=absolute(recipe.data.train), validation=absolute(recipe.data.validation))
-    model = recipe.model if recipe.model.name.lower() in _builtin_names() else \
-        dataclasses.replace(recipe.model, name=absolute(recipe.model.name))
+    model = recipe.model if _is_builtin(recipe.model.name) else dataclasses.replace(recipe.model, name=absolute(recipe.model.name))
     return dataclasses.replace(recipe, model=model, data=data)
 
 
-def _builtin_names() -> set[str]:
+def _absolute_if_exists(spec):
+    """A path that exists here, made absolute; anything else (a hub id, a missing file) as it is."""
+    if not isinstance(spec, str) or not Path(spec).expanduser().exists():
+        return spec
+    return str(Path(spec).expanduser().resolve())
+
+
+def _is_builtin(name: str) -> bool:
     from lora_cli.model import BUILTIN_MODELS
 
-    return set(BUILTIN_MODELS)
+    return name.lower() in BUILTIN_MODELS
 
 
 def latest_checkpoint(paths: RunPaths) -> Path | None:
@@ -804,12 +806,9 @@ def _local_model_path(model) -> dict:
     """{"local_path": absolute path} for a base read from a local directory or .gguf file, so a
     run's eval / merge / generate load that base from anywhere, and never another model that
     happens to sit at the same relative path there; {} for built-in names and hub ids."""
-    from lora_cli.model import BUILTIN_MODELS
-
-    path = Path(model.name).expanduser()
-    if model.name.lower() in BUILTIN_MODELS or not path.exists():
+    if _is_builtin(model.name) or not Path(model.name).expanduser().exists():
         return {}
-    return {"local_path": str(path.resolve())}
+    return {"local_path": _absolute_if_exists(model.name)}
 
 
 def _dtype_text(model) -> str:

@@ -50,6 +50,18 @@ def _interrupting_callback(at_step: int):
     return InterruptAt
 
 
+def _train_until_ctrl_c(recipe, at_step: int) -> Interrupted:
+    """Run `recipe` until a real Ctrl-C at `at_step` stops it; the Interrupted it raised."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr(lora_cli.callbacks, "StopOnSignalCallback", _interrupting_callback(at_step))
+    try:
+        with pytest.raises(Interrupted) as info:
+            run_training(recipe, recipe_path=None, resume=False, overwrite=False)
+    finally:
+        mp.undo()
+    return info.value
+
+
 def _adapter(run):
     return load_file(str(run / "adapter" / "adapter_model.safetensors"))
 
@@ -75,15 +87,9 @@ def interrupted_run(tiny_gpt2, tmp_path_factory):
     """The same recipe, interrupted by SIGINT at step 6 (mid epoch 2); not yet resumed."""
     tmp = tmp_path_factory.mktemp("interrupted")
     recipe = _recipe(tiny_gpt2, tmp, "interrupted")
-    mp = pytest.MonkeyPatch()
-    mp.setattr(lora_cli.callbacks, "StopOnSignalCallback", _interrupting_callback(INTERRUPT_AT))
-    try:
-        with pytest.raises(Interrupted) as info:
-            run_training(recipe, recipe_path=None, resume=False, overwrite=False)
-    finally:
-        mp.undo()
-    assert info.value.exit_code == 130
-    return tmp, recipe, info.value
+    interrupted = _train_until_ctrl_c(recipe, INTERRUPT_AT)
+    assert interrupted.exit_code == 130
+    return tmp, recipe, interrupted
 
 
 def test_interrupt_mid_epoch_two_saves_a_checkpoint(interrupted_run):
@@ -343,13 +349,7 @@ def test_resumed_run_reports_the_whole_runs_final_loss(straight_run, tiny_gpt2, 
     """Interrupted at step 6 between two logs (log_every 5), then resumed: the final train loss is
     the mean over all 12 steps, as the uninterrupted run's, not over the resumed steps only."""
     recipe = _recipe(tiny_gpt2, tmp_path, "resumed", train={"log_every": 5})
-    mp = pytest.MonkeyPatch()
-    mp.setattr(lora_cli.callbacks, "StopOnSignalCallback", _interrupting_callback(INTERRUPT_AT))
-    try:
-        with pytest.raises(Interrupted):
-            run_training(recipe, recipe_path=None, resume=False, overwrite=False)
-    finally:
-        mp.undo()
+    _train_until_ctrl_c(recipe, INTERRUPT_AT)
     result = run_training(recipe, recipe_path=None, resume=True, overwrite=False)
     straight = json.loads((straight_run / "run.json").read_text())["final"]
     assert result.final["global_step"] == straight["global_step"] == 3 * STEPS_PER_EPOCH
@@ -369,13 +369,7 @@ def test_resume_drops_the_metrics_of_the_steps_it_redoes(tiny_gpt2, tmp_path):
     reference = run_training(_recipe(tiny_gpt2, tmp_path, "straight", train=train), recipe_path=None,
                              resume=False, overwrite=False).paths.root
     recipe = _recipe(tiny_gpt2, tmp_path, "killed", train=train)
-    mp = pytest.MonkeyPatch()
-    mp.setattr(lora_cli.callbacks, "StopOnSignalCallback", _interrupting_callback(5))
-    try:
-        with pytest.raises(Interrupted):
-            run_training(recipe, recipe_path=None, resume=False, overwrite=False)
-    finally:
-        mp.undo()
+    _train_until_ctrl_c(recipe, 5)
     run = tmp_path / "runs" / "killed"
     shutil.rmtree(run / "checkpoints" / "checkpoint-5")  # as if killed before it was saved
     with (run / "metrics.jsonl").open("a") as f:
@@ -395,13 +389,7 @@ def test_resume_refuses_another_process_count(tiny_gpt2, tmp_path, monkeypatch, 
     """The global batch (batch_size × grad_accum × processes) and the data position a checkpoint
     resumes at depend on the process count: run.json records it, a resume with another is refused."""
     recipe = _recipe(tiny_gpt2, tmp_path, "procs", train={"max_steps": 4, "epochs": 1, "save_every": 2})
-    mp = pytest.MonkeyPatch()
-    mp.setattr(lora_cli.callbacks, "StopOnSignalCallback", _interrupting_callback(2))
-    try:
-        with pytest.raises(Interrupted):
-            run_training(recipe, recipe_path=None, resume=False, overwrite=False)
-    finally:
-        mp.undo()
+    _train_until_ctrl_c(recipe, 2)
     paths = RunPaths(tmp_path / "runs" / "procs")
     record = json.loads(paths.run_json.read_text())
     assert record["num_processes"] == 1
