@@ -1,7 +1,7 @@
 # Set-up, tests, quickstart and benchmarks. Every target sets up what it needs on a fresh machine.
 #
 #   make quickstart   fine-tune the embedded SmolLM2-135M-Instruct on The Devil's Dictionary
-#   make test         the test suite
+#   make test         style and layer checks, then the test suite
 #   make bench        benchmarks (scripts/bench)
 
 PYTHON ?= python3
@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 # the CUDA build of the same version from PyPI, or pass their own: make setup TORCH="torch==2.9.1".
 TORCH ?= torch==2.13.0
 
-.PHONY: setup test test-fast quickstart tiny-models bench clean
+.PHONY: setup lint test test-fast quickstart tiny-models bench clean
 
 setup: $(VENV)/.installed
 
@@ -48,10 +48,15 @@ quickstart: setup
 	$(VENV)/bin/lora eval $(QS_RUN)
 	$(PY) scripts/quickstart_compare.py $(QS_RUN) data/devils-dictionary/test.jsonl --n 4
 
-test: setup
+# The style (ruff) and the package's layers (import-linter: docs/architecture.md) before the tests.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+test: lint
 	$(PY) -m pytest -q
 
-test-fast: setup
+test-fast: lint
 	$(PY) -m pytest -q -m "not slow"
 
 tiny-models: setup

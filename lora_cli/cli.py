@@ -1,7 +1,8 @@
-"""The `lora` command line: thin commands that parse arguments and call one function each.
+"""The `lora` command line: each command is its options and one call, `commands.<verb>.run(...)`.
 
-Heavy libraries (torch, transformers, peft) are imported inside the commands, never here, so
-`lora --help` answers at once. Every LoraError becomes a short message + hint and its exit code.
+The command modules (and the heavy libraries they import: torch, transformers, peft) are imported
+inside the Typer functions, after the recipe is read, so `lora --help`, a bad recipe and `lora runs`
+answer at once. Every LoraError becomes a short message + hint and its exit code.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from typing import Annotated, Optional
 import typer
 
 from lora_cli import __version__
+from lora_cli.allocator import reexec_with_tcmalloc
 from lora_cli.errors import EXIT_INTERRUPTED, LoraError
+from lora_cli.ranks import rank_prefix
 
 app = typer.Typer(
     name="lora",
@@ -29,11 +32,9 @@ def report_error(error: LoraError) -> None:
     from rich.console import Console
     from rich.markup import escape
 
-    from lora_cli.distributed import error_prefix
-
     # Messages quote paths and library errors: a "[...]" in them is text, never rich markup.
     console = Console(stderr=True, highlight=False)
-    console.print(f"{escape(error_prefix())}[bold red]error:[/] {escape(error.message)}", markup=True, soft_wrap=True)
+    console.print(f"{escape(rank_prefix())}[bold red]error:[/] {escape(error.message)}", markup=True, soft_wrap=True)
     if error.hint:
         console.print(f"[bold]hint:[/] {escape(error.hint)}", soft_wrap=True)
 
@@ -46,79 +47,87 @@ def _version(value: bool):
 
 @app.callback()
 def _root(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = None,
 ):
     """Fine-tune causal language models with LoRA and QLoRA from YAML recipes."""
 
 
-RecipeArg = Annotated[Path, typer.Argument(help="The YAML recipe (see configs/ for commented examples).", show_default=False)]
+RecipeArg = Annotated[
+    Path, typer.Argument(help="The YAML recipe (see configs/ for commented examples).", show_default=False)
+]
 OverridesArg = Annotated[
     Optional[list[str]],
     typer.Argument(help="Overrides as dotted key=value, e.g. train.lr=1e-4 lora.r=8.", show_default=False),
 ]
-RunArg = Annotated[Optional[Path], typer.Argument(help="Run directory (default: the latest under ./runs).", show_default=False)]
+RunArg = Annotated[
+    Optional[Path], typer.Argument(help="Run directory (default: the latest under ./runs).", show_default=False)
+]
 
 
 @app.command()
 def train(
     recipe: RecipeArg,
     overrides: OverridesArg = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in output_dir from its newest complete checkpoint.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing run in output_dir and start again.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate the recipe and report on the data; do not train.")] = False,
-    preview: Annotated[int, typer.Option("--preview", help="--dry-run: examples to show with supervised and masked tokens marked.")] = 2,
-    num_processes: Annotated[Optional[int], typer.Option("--num-processes", help="Train with N processes (one per GPU; on CPU they share the cores): re-launches this command via `accelerate launch`.", show_default=False)] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in output_dir from its newest complete checkpoint.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Delete an existing run in output_dir and start again.")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Validate the recipe and report on the data; do not train.")
+    ] = False,
+    preview: Annotated[
+        int, typer.Option("--preview", help="--dry-run: examples to show with supervised and masked tokens marked.")
+    ] = 2,
+    num_processes: Annotated[
+        Optional[int],
+        typer.Option(
+            "--num-processes",
+            help="Train with N processes (one per GPU; on CPU they share the cores): "
+            "re-launches this command via `accelerate launch`.",
+            show_default=False,
+        ),
+    ] = None,
 ):
     """Train a LoRA (or QLoRA) adapter as the recipe says; writes runs/<name>/.
 
     RECIPE may also be a run directory with --resume (its saved recipe.yaml is used).
     """
-    from lora_cli.config import load_recipe
+    from lora_cli.run.recipes import recipe_to_train
 
-    recipe = recipe.expanduser()  # `--resume "~/runs/x"`, quoted past the shell
-    recipe_file = recipe
-    if resume and recipe.is_dir():
-        recipe_file = recipe / "recipe.yaml"
-    elif resume and not recipe.exists():
-        from lora_cli.errors import RunDirError
-
-        raise RunDirError(
-            f"nothing to resume: {recipe} does not exist",
-            "Name a run directory (runs/<name>) or its recipe file; drop --resume to start a new run.",
-        )
-    loaded = load_recipe(recipe_file, overrides or [])
-    if recipe_file != recipe:  # resuming a run directory: its output_dir is that directory
-        import dataclasses
-
-        from lora_cli.runs import RunPaths, with_run_paths
-
-        # its relative paths are those of the directory it trained in (run.json), not of here
-        loaded = with_run_paths(dataclasses.replace(loaded, output_dir=str(recipe)), RunPaths(recipe))
+    loaded, recipe_file = recipe_to_train(recipe, overrides or [], resume=resume)
     if dry_run:
-        from lora_cli.validate import run_validate
+        from lora_cli.commands import validate as command
 
-        run_validate(loaded, recipe_path=str(recipe_file), overrides=overrides or [], preview=preview)
+        command.run(loaded, recipe_path=str(recipe_file), overrides=overrides or [], preview=preview)
         return
-    if num_processes is not None:  # the recipe is valid: now start the processes (distributed.py)
-        from lora_cli.distributed import relaunch
+    if num_processes is not None:  # the recipe is valid: now start the processes
+        from lora_cli.training.launch import relaunch
 
         raise typer.Exit(relaunch(num_processes, sys.argv[1:]))
-    from lora_cli.train import run_training
+    from lora_cli.commands import train as command
 
-    run_training(loaded, recipe_path=str(recipe_file), overrides=overrides or [], resume=resume, overwrite=overwrite)
+    command.run(loaded, recipe_path=str(recipe_file), overrides=overrides or [], resume=resume, overwrite=overwrite)
 
 
 @app.command()
 def validate(
     recipe: RecipeArg,
     overrides: OverridesArg = None,
-    preview: Annotated[int, typer.Option("--preview", help="Examples to show with supervised and masked tokens marked.")] = 2,
+    preview: Annotated[
+        int, typer.Option("--preview", help="Examples to show with supervised and masked tokens marked.")
+    ] = 2,
 ):
     """Check a recipe, report on its data and estimate memory (tokenizer and config only, no weights)."""
-    from lora_cli.config import load_recipe
-    from lora_cli.validate import run_validate
+    from lora_cli.recipe.load import load_recipe
 
-    run_validate(load_recipe(recipe, overrides or []), recipe_path=str(recipe), overrides=overrides or [], preview=preview)
+    loaded = load_recipe(recipe, overrides or [])
+    from lora_cli.commands import validate as command
+
+    command.run(loaded, recipe_path=str(recipe), overrides=overrides or [], preview=preview)
 
 
 @app.command()
@@ -128,10 +137,12 @@ def estimate(
     json_out: Annotated[bool, typer.Option("--json", help="Print the estimate as JSON.")] = False,
 ):
     """Parameters, adapter size and memory to train (full vs LoRA vs QLoRA), from the model config alone."""
-    from lora_cli.config import load_recipe
-    from lora_cli.estimate import run_estimate
+    from lora_cli.recipe.load import load_recipe
 
-    run_estimate(load_recipe(recipe, overrides or []), as_json=json_out)
+    loaded = load_recipe(recipe, overrides or [])
+    from lora_cli.commands import estimate as command
+
+    command.run(loaded, as_json=json_out)
 
 
 @app.command()
@@ -140,67 +151,155 @@ def runs(
     json_out: Annotated[bool, typer.Option("--json", help="Print the runs as JSON.")] = False,
 ):
     """List runs: name, status, base model, steps, final loss, eval change, created time."""
-    from lora_cli.runlist import run_list
+    from lora_cli.commands import runs as command
 
-    run_list(directory, as_json=json_out)
+    command.run(directory, as_json=json_out)
 
 
 @app.command()
 def merge(
     run: RunArg = None,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="float32 | bfloat16 | float16 (default: the run's model.dtype). The fold itself is always done in float32.", show_default=False)] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write the merged model (default: RUN/merged).", show_default=False)] = None,
-    onto: Annotated[Optional[str], typer.Option("--onto", help="QLoRA runs: quantized (default) folds into the 4-bit weights as they dequantize, reproducing what was trained; original folds into the original full-precision weights.", show_default=False)] = None,
+    dtype: Annotated[
+        Optional[str],
+        typer.Option(
+            "--dtype",
+            help="float32 | bfloat16 | float16 (default: the run's model.dtype). "
+            "The fold itself is always done in float32.",
+            show_default=False,
+        ),
+    ] = None,
+    output: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--output", "-o", help="Where to write the merged model (default: RUN/merged).", show_default=False
+        ),
+    ] = None,
+    onto: Annotated[
+        Optional[str],
+        typer.Option(
+            "--onto",
+            help="QLoRA runs: quantized (default) folds into the 4-bit weights as they dequantize, reproducing "
+            "what was trained; original folds into the original full-precision weights.",
+            show_default=False,
+        ),
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing merged model.")] = False,
 ):
     """Fold the adapter into its base and save a plain transformers model (no peft needed).
 
     Verifies the result first: the merged model's logits must equal base + adapter on probe inputs.
     """
-    from lora_cli.merge import run_merge
+    from lora_cli.commands import merge as command
 
-    run_merge(run, dtype=dtype, output=output, onto=onto, overwrite=overwrite)
+    command.run(run, dtype=dtype, output=output, onto=onto, overwrite=overwrite)
 
 
 @app.command()
 def generate(
-    prompt: Annotated[Optional[str], typer.Argument(help="The prompt; `-` reads prompts from stdin, one per line.", show_default=False)] = None,
-    run: Annotated[Optional[Path], typer.Option("--run", help="Run directory whose base + adapter to use (default: the latest under ./runs).", show_default=False)] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="Any model instead of a run: a model directory (e.g. RUN/merged), hub id, .gguf file or built-in name.", show_default=False)] = None,
+    prompt: Annotated[
+        Optional[str],
+        typer.Argument(help="The prompt; `-` reads prompts from stdin, one per line.", show_default=False),
+    ] = None,
+    run: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--run",
+            help="Run directory whose base + adapter to use (default: the latest under ./runs).",
+            show_default=False,
+        ),
+    ] = None,
+    model: Annotated[
+        Optional[str],
+        typer.Option(
+            "--model",
+            help="Any model instead of a run: a model directory (e.g. RUN/merged), hub id, .gguf file "
+            "or built-in name.",
+            show_default=False,
+        ),
+    ] = None,
     base: Annotated[bool, typer.Option("--base", help="Turn the run's adapter off (same loaded base).")] = False,
-    chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Use the chat template (default: when the run trained on chat data).", show_default=False)] = None,
+    chat: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--chat/--no-chat",
+            help="Use the chat template (default: when the run trained on chat data).",
+            show_default=False,
+        ),
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Most tokens to generate per prompt.")] = 256,
     temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature; 0 is greedy.")] = 0.7,
-    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling: keep the smallest set of tokens with this much probability.")] = 0.9,
+    top_p: Annotated[
+        float,
+        typer.Option("--top-p", help="Nucleus sampling: keep the smallest set of tokens with this much probability."),
+    ] = 0.9,
     top_k: Annotated[int, typer.Option("--top-k", help="Sample among the k likeliest tokens only (0: off).")] = 0,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed: makes sampling repeatable.", show_default=False)] = None,
-    no_stream: Annotated[bool, typer.Option("--no-stream", help="Print only the finished text, not tokens as they come.")] = False,
+    seed: Annotated[
+        Optional[int], typer.Option("--seed", help="Random seed: makes sampling repeatable.", show_default=False)
+    ] = None,
+    no_stream: Annotated[
+        bool, typer.Option("--no-stream", help="Print only the finished text, not tokens as they come.")
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object per prompt.")] = False,
-    file: Annotated[Optional[Path], typer.Option("--file", help="Read prompts from this file (`-`: stdin), one per line.", show_default=False)] = None,
+    file: Annotated[
+        Optional[Path],
+        typer.Option("--file", help="Read prompts from this file (`-`: stdin), one per line.", show_default=False),
+    ] = None,
 ):
     """Generate text with a run's adapter (or its base with --base, or any model with --model)."""
-    from lora_cli.generate import run_generate
+    from lora_cli.commands import generate as command
 
-    run_generate(
-        prompt, run=run, model=model, base=base, chat=chat, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stream=not no_stream,
-        as_json=json_out, file=file,
+    command.run(
+        prompt,
+        run=run,
+        model=model,
+        base=base,
+        chat=chat,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        stream=not no_stream,
+        as_json=json_out,
+        file=file,
     )
 
 
 @app.command(name="eval")
 def eval_(
     run: RunArg = None,
-    data: Annotated[Optional[str], typer.Option("--data", help="Held-out data in any format train accepts (default: the run's validation split).", show_default=False)] = None,
+    data: Annotated[
+        Optional[str],
+        typer.Option(
+            "--data",
+            help="Held-out data in any format train accepts (default: the run's validation split).",
+            show_default=False,
+        ),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
-    exact_match: Annotated[bool, typer.Option("--exact-match", help="Also compare greedy answers with the reference answers (completion/alpaca/chat data).")] = False,
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="--exact-match: most tokens per answer (default: the reference's length + 8).", show_default=False)] = None,
+    exact_match: Annotated[
+        bool,
+        typer.Option(
+            "--exact-match",
+            help="Also compare greedy answers with the reference answers (completion/alpaca/chat data).",
+        ),
+    ] = False,
+    max_new_tokens: Annotated[
+        Optional[int],
+        typer.Option(
+            "--max-new-tokens",
+            help="--exact-match: most tokens per answer (default: the reference's length + 8).",
+            show_default=False,
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per forward pass.")] = 8,
 ):
     """Loss and perplexity of the base and the adapter on held-out data; writes RUN/eval.json."""
-    from lora_cli.evaluate import run_eval
+    from lora_cli.commands import eval as command
 
-    run_eval(run, data=data, as_json=json_out, exact_match=exact_match, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    command.run(
+        run, data=data, as_json=json_out, exact_match=exact_match, max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
 
 
 # Commands that run a model: they get tcmalloc when it is installed (see allocator.py).
@@ -238,7 +337,5 @@ def entry() -> None:
     command may re-execute itself with tcmalloc preloaded before running (never done in-process,
     where it would replace the caller, e.g. a test runner)."""
     if len(sys.argv) > 1 and sys.argv[1] in HEAVY_COMMANDS and "--help" not in sys.argv and "-h" not in sys.argv:
-        from lora_cli.allocator import reexec_with_tcmalloc
-
         reexec_with_tcmalloc()
     main()

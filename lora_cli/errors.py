@@ -2,10 +2,15 @@
 
 Every failure we can foresee is raised as a `LoraError` carrying a short message (what went
 wrong, naming the file / key / row) and a hint (what to do). The CLI prints both and exits with
-the error's code; nothing else of ours should surface as a traceback.
+the error's code; nothing else of ours should surface as a traceback. Every subclass lives here,
+so the kinds of failure and their exit codes read in one place.
 """
 
 from __future__ import annotations
+
+import re
+
+from lora_cli.console import first_line
 
 # Exit codes, as promised in the README.
 EXIT_OK = 0
@@ -18,11 +23,15 @@ class LoraError(Exception):
     """A failure with a message for the user and a hint on how to fix it."""
 
     exit_code = EXIT_USAGE
+    silent = False  # True: already reported (by another rank); exit with the code, print nothing
 
     def __init__(self, message: str, hint: str | None = None):
         super().__init__(message)
         self.message = message
         self.hint = hint
+
+
+# --------------------------------------------------------------------------- bad input (exit 2)
 
 
 class RecipeError(LoraError):
@@ -54,10 +63,50 @@ class RunDirError(LoraError):
     """The run directory is in a state that forbids the command (exists, missing, incomplete)."""
 
 
+# --------------------------------------------------------------------------- failures at run time (exit 1)
+
+
 class TrainingError(LoraError):
     """Training failed at run time (non-finite loss, out of memory)."""
 
     exit_code = EXIT_RUNTIME
+
+
+class MergeError(LoraError):
+    """The merge produced a model that does not do what the adapter did (or is not finite)."""
+
+    exit_code = EXIT_RUNTIME
+
+
+class NonFiniteOutput(LoraError):
+    """The model's logits went NaN/inf while generating (a diverged adapter)."""
+
+    exit_code = EXIT_RUNTIME
+
+
+class NonFiniteLoss(LoraError):
+    """An evaluation loss came out NaN/inf (a diverged adapter): nothing is written."""
+
+    exit_code = EXIT_RUNTIME
+
+
+class EvalWriteError(LoraError):
+    """eval.json could not be written after the evaluation ran (disk full, ...)."""
+
+    exit_code = EXIT_RUNTIME
+
+
+class PeerFailed(LoraError):
+    """Another rank (the main one) failed and reported it; this rank stops without repeating it."""
+
+    silent = True
+
+    def __init__(self, exit_code: int):
+        super().__init__("another process of this run failed (its message is above)")
+        self.exit_code = exit_code
+
+
+# --------------------------------------------------------------------------- stopped (exit 130 / 143)
 
 
 class Interrupted(LoraError):
@@ -67,6 +116,8 @@ class Interrupted(LoraError):
         super().__init__(message, hint)
         self.exit_code = exit_code
 
+
+# --------------------------------------------------------------------------- out of memory
 
 # How running out of memory surfaces: CUDA raises torch.OutOfMemoryError; the CPU allocator raises
 # a RuntimeError with one of these phrases; Python's own allocations raise MemoryError.
@@ -80,13 +131,11 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 def out_of_memory_error(error: BaseException) -> TrainingError:
-    import re
-
     asked = re.search(r"tried to allocate (\d+) bytes", str(error))
     if asked:  # the CPU allocator's message starts with C++ enforce noise: keep the number
         detail = f"could not allocate {int(asked.group(1)) / 2**20:.0f} MiB more"
     else:
-        detail = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        detail = first_line(error, 160)
     return TrainingError(
         f"out of memory during training ({detail})",
         "Lower train.batch_size (raise train.grad_accum to keep the effective batch), lower "

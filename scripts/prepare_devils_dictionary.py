@@ -20,7 +20,8 @@ Rules (see data/README.md):
     "The poet assures us that --"), that unfinished last sentence is removed.
   * dictd cross-reference braces are removed ("{LOGIC}" -> "LOGIC").
   * Skipped: empty definitions (part of speech only: the definition is in verse, or the prose is
-    only a lead-in to the verse), pure cross-references ("See {HUSBAND}."), exact duplicates, and definitions over --max-chars.
+    only a lead-in to the verse), pure cross-references ("See {HUSBAND}."), exact duplicates, and
+    definitions over --max-chars.
   * Split: random.Random(1911).shuffle, first --test-size rows -> test.jsonl, rest -> train.jsonl.
 
 Standard library only; rerunning produces byte-identical files.
@@ -40,7 +41,7 @@ import tempfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_SOURCE = REPO_ROOT.parent / "shared" / "data" / "devils-dictionary.jsonl"
+DEFAULT_SOURCE = REPO_ROOT / "data" / "sources" / "devils-dictionary.jsonl"
 DEFAULT_OUT = REPO_ROOT / "data" / "devils-dictionary"
 
 SEED = 1911
@@ -117,7 +118,7 @@ def parse(entry: str) -> tuple[str | None, str | None, str]:
     if m:
         hw = natural_headword(m.group("hw"))
         pos = m.group("pos")
-        rest = text[len(" ".join(first[: m.end()].split())):].strip()
+        rest = text[len(" ".join(first[: m.end()].split())) :].strip()
         body = rest
         lead = pos
     else:
@@ -127,7 +128,7 @@ def parse(entry: str) -> tuple[str | None, str | None, str]:
             if m.group("end") == "?" or (m.group("end") == "." and "." in raw):
                 raw += m.group("end")  # "CUI BONO?", "LL.D.", "R.I.P."
             hw = natural_headword(raw)
-            body = text[len(" ".join(first[: m.end()].split())):].strip()
+            body = text[len(" ".join(first[: m.end()].split())) :].strip()
             lead = ""
         else:
             m = RE_LETTER_HEAD.match(first)
@@ -167,13 +168,18 @@ def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    ap.add_argument("--source", type=Path, default=DEFAULT_SOURCE,
-                    help="input JSONL (default: ../shared/data/devils-dictionary.jsonl "
-                         "relative to the repo root)")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                    help="output directory (default: data/devils-dictionary in the repo)")
-    ap.add_argument("--max-chars", type=int, default=400,
-                    help="drop examples whose assistant text is longer (default: 400)")
+    ap.add_argument(
+        "--source",
+        type=Path,
+        default=DEFAULT_SOURCE,
+        help="input JSONL (default: data/sources/devils-dictionary.jsonl in the repo)",
+    )
+    ap.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="output directory (default: data/devils-dictionary in the repo)"
+    )
+    ap.add_argument(
+        "--max-chars", type=int, default=400, help="drop examples whose assistant text is longer (default: 400)"
+    )
     ap.add_argument("--test-size", type=int, default=60, help="rows held out (default: 60)")
     args = ap.parse_args(argv)
 
@@ -203,18 +209,21 @@ def main(argv: list[str] | None = None) -> int:
         if len(definition) > args.max_chars:
             dropped[f"longer than {args.max_chars} chars"] += 1
             continue
-        examples.append({"messages": [
-            {"role": "user", "content": f"Define: {hw}"},
-            {"role": "assistant", "content": definition},
-        ]})
+        examples.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Define: {hw}"},
+                    {"role": "assistant", "content": definition},
+                ]
+            }
+        )
 
     if len(examples) <= args.test_size:
-        print(f"error: only {len(examples)} examples, need more than {args.test_size}",
-              file=sys.stderr)
+        print(f"error: only {len(examples)} examples, need more than {args.test_size}", file=sys.stderr)
         return 1
 
     random.Random(SEED).shuffle(examples)
-    test, train = examples[: args.test_size], examples[args.test_size:]
+    test, train = examples[: args.test_size], examples[args.test_size :]
     write_jsonl_atomic(args.out / "train.jsonl", train)
     write_jsonl_atomic(args.out / "test.jsonl", test)
 
@@ -224,8 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dropped:        {sum(dropped.values())}")
     for reason, n in sorted(dropped.items(), key=lambda kv: (-kv[1], kv[0])):
         print(f"  {n:4d}  {reason}")
-    print(f"assistant chars: median {statistics.median(lengths):g}, max {max(lengths)}, "
-          f"min {min(lengths)}")
+    print(f"assistant chars: median {statistics.median(lengths):g}, max {max(lengths)}, min {min(lengths)}")
     print(f"wrote {len(train)} rows -> {args.out / 'train.jsonl'}")
     print(f"wrote {len(test)} rows -> {args.out / 'test.jsonl'}")
     return 0

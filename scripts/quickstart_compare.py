@@ -25,8 +25,8 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from lora_cli.generate import encode_prompt, generate_ids, generation_config, load_generator
-    from lora_cli.train import quiet_libraries
+    from lora_cli.console import quiet_libraries
+    from lora_cli.inference.generation import encode_prompt, generate_ids, generation_config, load_generator
 
     quiet_libraries()
     rows = [json.loads(line) for line in args.held_out.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -39,7 +39,9 @@ def main() -> None:
         prompt = row["messages"][0]["content"]
         ids = encode_prompt(gen.tokenizer, prompt, chat=True, system_prompt=gen.system_prompt)
         answers = [
-            gen.tokenizer.decode(generate_ids(gen, ids, config, adapter=adapter, seed=0), skip_special_tokens=True).strip()
+            gen.tokenizer.decode(
+                generate_ids(gen, ids, config, adapter=adapter, seed=0), skip_special_tokens=True
+            ).strip()
             for adapter in (False, True)
         ]
         table.add_row(prompt, *answers, row["messages"][1]["content"])

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lora_cli.config import Recipe, recipe_from_dict
+from lora_cli.recipe.load import recipe_from_dict
+from lora_cli.recipe.schema import Recipe
 
 # A handful of fixed question/answer pairs: a tiny random model memorises them within a few
 # dozen steps, so "loss goes down" and "adapter differs from base" are real signals.
@@ -44,7 +45,14 @@ def tiny_recipe(model_dir: Path, train_file: Path, output_dir: Path, **sections)
         "model": {"name": str(model_dir), "dtype": "float32"},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
         "data": {"train": str(train_file), "max_length": 64},
-        "train": {"max_steps": 40, "batch_size": 8, "lr": 1e-2, "warmup_ratio": 0.0, "log_every": 5, "scheduler": "constant"},
+        "train": {
+            "max_steps": 40,
+            "batch_size": 8,
+            "lr": 1e-2,
+            "warmup_ratio": 0.0,
+            "log_every": 5,
+            "scheduler": "constant",
+        },
         "output_dir": str(output_dir),
     }
     for section, values in sections.items():
@@ -80,7 +88,7 @@ def lora_in_process(monkeypatch, capsys, *args, stdin: str | None = None) -> tup
 
 def train_tiny_run(tmp: Path, name: str, model_dir: Path, rows: list[dict], **sections) -> Path:
     """Train a tiny run on `rows` into tmp/runs/<name> and return its directory."""
-    from lora_cli.train import run_training
+    from lora_cli.commands.train import run as run_training
 
     data = write_jsonl(tmp / f"{name}.jsonl", rows)
     recipe = tiny_recipe(model_dir, data, tmp / "runs" / name, **sections)
@@ -90,7 +98,7 @@ def train_tiny_run(tmp: Path, name: str, model_dir: Path, rows: list[dict], **se
 def without_cpu_bf16_repacking(model):
     """A plain-transformers 4-bit model computing as in training, as `lora` loads it (on
     AVX512-BF16 CPUs bitsandbytes otherwise switches to a bfloat16 kernel in eval mode)."""
-    from lora_cli.model import keep_4bit_weights_as_trained
+    from lora_cli.model.loading import keep_4bit_weights_as_trained
 
     keep_4bit_weights_as_trained(model)
     return model

@@ -1,7 +1,7 @@
 """Run `lora train` on a recipe in this process and print its peak RSS above the imports (MB).
 
-Used by tests/test_estimate.py and tests/test_lean_dropout.py in a fresh subprocess. RSS is sampled every 2 ms by a thread
-during the run; the baseline is the RSS once every library is imported. (ru_maxrss is not used:
+Used by tests/test_estimate.py and tests/test_lean_dropout.py in a fresh subprocess. RSS is sampled
+every 2 ms by a thread during the run; the baseline is the RSS once every library is imported. (ru_maxrss is not used:
 a transient spike while importing can set the high-water mark above the whole run.)
 """
 
@@ -20,14 +20,15 @@ def rss() -> int:
 
 
 def main(recipe_path: str, plain_lora_dropout: bool = False) -> None:
-    from lora_cli.config import load_recipe
-    from lora_cli.train import quiet_libraries, run_training
+    from lora_cli.commands.train import run as run_training
+    from lora_cli.console import quiet_libraries
+    from lora_cli.recipe.load import load_recipe
 
     quiet_libraries()
     if plain_lora_dropout:  # peft's own dropout, for tests/test_lean_dropout.py to compare
-        import lora_cli.lean_dropout
+        import lora_cli.model.adapters
 
-        lora_cli.lean_dropout.fold_lora_dropout = lambda model: 0
+        lora_cli.model.adapters.fold_lora_dropout = lambda model: 0
     import peft  # noqa: F401  everything training imports, so the baseline includes it
     import torch
     import transformers  # noqa: F401

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lora_cli.plot import write_loss_plot
+from lora_cli.artifacts.loss_plot import write_loss_plot
 from tests.helpers import chat_rows, lora_in_process, train_tiny_run, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent

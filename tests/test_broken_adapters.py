@@ -159,7 +159,8 @@ def test_an_incomplete_adapter_is_refused(runs, tmp_path, monkeypatch, capsys):
     for args in commands(run):
         code, out, err = lora(monkeypatch, capsys, *args)
         assert code == EXIT_USAGE, (args[0], err)
-        assert f"{run / 'adapter'}: the adapter is incomplete: {dropped} of its {2 * dropped} tensors are missing" in err, err
+        expected = f"{run / 'adapter'}: the adapter is incomplete: {dropped} of its {2 * dropped} tensors are missing"
+        assert expected in err, err
         assert "h.1." in err and "hint:" in err and "Traceback" not in err and out == "", (args[0], err)
     assert not (run / "eval.json").exists() and not (run / "merged").exists()
 

@@ -47,35 +47,109 @@ GOOD_ROWS = "".join(json.dumps(r) + "\n" for r in completion_rows(repeat=1))
 
 CASES = [
     # ---- the recipe file itself
-    R("malformed-yaml", "model:\n  name: x\n data: [1,\n", 2, ["malformed-yaml.yaml", "malformed YAML: line 3, column", "hint: Fix the YAML syntax"]),
+    R(
+        "malformed-yaml",
+        "model:\n  name: x\n data: [1,\n",
+        2,
+        ["malformed-yaml.yaml", "malformed YAML: line 3, column", "hint: Fix the YAML syntax"],
+    ),
     R("tab-indent", "model:\n\tname: x\n", 2, ["tab-indent.yaml", "line 2", "hint:"]),
-    R("not-a-mapping", "- just\n- a list\n", 2, ["not-a-mapping.yaml", "must be a mapping of sections", "hint: Start from"]),
-    R("python-tag", "model:\n  name: !!python/object/apply:os.getcwd []\n", 2, ["python-tag.yaml", "line 2", "not allowed", "remove the !!tag"]),
+    R(
+        "not-a-mapping",
+        "- just\n- a list\n",
+        2,
+        ["not-a-mapping.yaml", "must be a mapping of sections", "hint: Start from"],
+    ),
+    R(
+        "python-tag",
+        "model:\n  name: !!python/object/apply:os.getcwd []\n",
+        2,
+        ["python-tag.yaml", "line 2", "not allowed", "remove the !!tag"],
+    ),
     Case("recipe-missing", ["validate", "{tmp}/nope.yaml"], 2, ["nope.yaml", "does not exist", "hint: Check the path"]),
     Case("recipe-is-dir", ["validate", "{tmp}"], 2, ["is a directory, not a recipe file"]),
-    R("recipe-not-utf8", b"model:\n  name: caf\xe9\n", 2, ["recipe-not-utf8.yaml", "not UTF-8", "hint: Save the recipe as UTF-8"]),
+    R(
+        "recipe-not-utf8",
+        b"model:\n  name: caf\xe9\n",
+        2,
+        ["recipe-not-utf8.yaml", "not UTF-8", "hint: Save the recipe as UTF-8"],
+    ),
     # ---- keys and types
-    R("unknown-section", _recipe("trian:\n  lr: 1.0\n"), 2, ["unknown-section.yaml", "line 6", "trian", "did you mean 'train'"]),
+    R(
+        "unknown-section",
+        _recipe("trian:\n  lr: 1.0\n"),
+        2,
+        ["unknown-section.yaml", "line 6", "trian", "did you mean 'train'"],
+    ),
     R("unknown-key", _recipe("train:\n  learning_rat: 1.0e-4\n"), 2, ["line 7", "learning_rat", "hint:"]),
     R("close-key", _recipe("lora:\n  alpah: 8\n"), 2, ["line 7", "alpah", "did you mean 'alpha'"]),
-    R("wrong-type-int", _recipe("lora:\n  r: eight\n"), 2, ["line 7", "'lora.r' must be an integer, got 'eight'", "hint:"]),
-    R("wrong-type-bool", _recipe().replace("  max_length: 64\n", "  max_length: 64\n  packing: sometimes\n"), 2, ["line 6", "'data.packing' must be true or false", "hint:"]),
+    R(
+        "wrong-type-int",
+        _recipe("lora:\n  r: eight\n"),
+        2,
+        ["line 7", "'lora.r' must be an integer, got 'eight'", "hint:"],
+    ),
+    R(
+        "wrong-type-bool",
+        _recipe().replace("  max_length: 64\n", "  max_length: 64\n  packing: sometimes\n"),
+        2,
+        ["line 6", "'data.packing' must be true or false", "hint:"],
+    ),
     R("wrong-choice", _recipe("lora:\n  bias: some\n"), 2, ["line 7", "'lora.bias' must be one of 'none'", "hint:"]),
-    R("wrong-list-item", _recipe("train:\n  report_to: [slack]\n  epochs: 0\n"), 2,
-      ["2 problems", "line 7: 'train.report_to' must be a list of one of 'tensorboard'", "line 8: 'train.epochs' must be > 0"]),
+    R(
+        "wrong-list-item",
+        _recipe("train:\n  report_to: [slack]\n  epochs: 0\n"),
+        2,
+        [
+            "2 problems",
+            "line 7: 'train.report_to' must be a list of one of 'tensorboard'",
+            "line 8: 'train.epochs' must be > 0",
+        ],
+    ),
     # ---- values out of range and incompatible options
     R("r-zero", _recipe("lora:\n  r: 0\n"), 2, ["line 7", "'lora.r' must be ≥ 1, got 0", "hint:"]),
     R("lr-zero", _recipe("train:\n  lr: 0\n"), 2, ["line 7", "'train.lr' must be > 0", "hint:"]),
     R("lr-negative", _recipe("train:\n  lr: -1.0e-4\n"), 2, ["'train.lr' must be > 0", "hint:"]),
     R("dropout-one", _recipe("lora:\n  dropout: 1.0\n"), 2, ["line 7", "'lora.dropout' must be ≥ 0 and < 1, got 1.0"]),
-    R("val-split-high", _recipe().replace("  max_length: 64\n", "  max_length: 64\n  val_split: 1.5\n"), 2, ["line 6", "'data.val_split' must be ≥ 0 and < 1, got 1.5"]),
-    R("val-split-negative", _recipe().replace("  max_length: 64\n", "  max_length: 64\n  val_split: -0.1\n"), 2, ["'data.val_split'", "-0.1"]),
+    R(
+        "val-split-high",
+        _recipe().replace("  max_length: 64\n", "  max_length: 64\n  val_split: 1.5\n"),
+        2,
+        ["line 6", "'data.val_split' must be ≥ 0 and < 1, got 1.5"],
+    ),
+    R(
+        "val-split-negative",
+        _recipe().replace("  max_length: 64\n", "  max_length: 64\n  val_split: -0.1\n"),
+        2,
+        ["'data.val_split'", "-0.1"],
+    ),
     R("batch-size-zero", _recipe("train:\n  batch_size: 0\n"), 2, ["'train.batch_size' must be ≥ 1"]),
-    R("fp4-without-4bit", _recipe().replace("  name: {model}\n", "  name: {model}\n  quant_type: fp4\n"), 2, ["line 3", "model.quant_type=fp4 needs model.quantization: 4bit"]),
-    R("validation-and-split", _recipe().replace("  max_length: 64\n", "  max_length: 64\n  validation: {tmp}/good.jsonl\n  val_split: 0.1\n"), 2, ["data.validation and data.val_split are both set"]),
-    R("many-problems", _recipe("lora:\n  r: 0\n  dropout: 2\ntrain:\n  lr: 0\n"), 2, ["3 problems", "lora.r", "lora.dropout", "train.lr"]),
+    R(
+        "fp4-without-4bit",
+        _recipe().replace("  name: {model}\n", "  name: {model}\n  quant_type: fp4\n"),
+        2,
+        ["line 3", "model.quant_type=fp4 needs model.quantization: 4bit"],
+    ),
+    R(
+        "validation-and-split",
+        _recipe().replace("  max_length: 64\n", "  max_length: 64\n  validation: {tmp}/good.jsonl\n  val_split: 0.1\n"),
+        2,
+        ["data.validation and data.val_split are both set"],
+    ),
+    R(
+        "many-problems",
+        _recipe("lora:\n  r: 0\n  dropout: 2\ntrain:\n  lr: 0\n"),
+        2,
+        ["3 problems", "lora.r", "lora.dropout", "train.lr"],
+    ),
     # ---- overrides
-    R("override-no-equals", _recipe(), 2, ["override 'train.lr' is not of the form key.path=value", "hint: Write overrides as"], "train.lr"),
+    R(
+        "override-no-equals",
+        _recipe(),
+        2,
+        ["override 'train.lr' is not of the form key.path=value", "hint: Write overrides as"],
+        "train.lr",
+    ),
     R("override-unknown-key", _recipe(), 2, ["train.lrr", "did you mean 'lr'"], "train.lrr=1e-4"),
     R("override-wrong-type", _recipe(), 2, ["lora.r", "int", "abc"], "lora.r=abc"),
     R("override-out-of-range", _recipe(), 2, ["'lora.dropout' must be", "override"], "lora.dropout=1.5"),
@@ -84,45 +158,133 @@ CASES = [
     Case("unknown-option", ["validate", "x.yaml", "--fast"], 2, ["No such option", "--fast"]),
     Case("missing-argument", ["train"], 2, ["Missing argument 'recipe'", "-h' for help"]),
     # ---- run directories
-    R("resume-and-overwrite", _recipe(), 2, ["--resume and --overwrite cannot be used together"], "--resume", "--overwrite", command="train"),
-    Case("resume-missing-run", ["train", "--resume", "{tmp}/runs/never"], 2, ["nothing to resume", "runs/never", "hint:"]),
-    R("resume-empty-output", _recipe("output_dir: {tmp}/runs/empty\n"), 2, ["nothing to resume", "runs/empty", "Drop --resume"], "--resume", command="train"),
-    R("existing-run", _recipe("output_dir: {tmp}/runs/exists\n"), 2, ["runs/exists already exists", "--resume", "--overwrite"], command="train",
-      files={"runs/exists/run.json": '{"status": "interrupted", "created_at_unix": 1}', "runs/exists/recipe.yaml": "model:\n  name: x\n",
-             "runs/exists/metrics.jsonl": '{"step": 1, "loss": 2.0}\n'}),  # it trained: not restarted silently
-    Case("merge-missing-run", ["merge", "{tmp}/runs/never"], 2, ["run directory", "runs/never does not exist", "hint:"]),
-    Case("eval-no-adapter", ["eval", "{tmp}/runs/half"], 2, ["runs/half has no finished adapter", "--resume"],
-         files={"runs/half/run.json": '{"status": "interrupted"}', "runs/half/recipe.yaml": "model:\n  name: x\n"}),
+    R(
+        "resume-and-overwrite",
+        _recipe(),
+        2,
+        ["--resume and --overwrite cannot be used together"],
+        "--resume",
+        "--overwrite",
+        command="train",
+    ),
+    Case(
+        "resume-missing-run", ["train", "--resume", "{tmp}/runs/never"], 2, ["nothing to resume", "runs/never", "hint:"]
+    ),
+    R(
+        "resume-empty-output",
+        _recipe("output_dir: {tmp}/runs/empty\n"),
+        2,
+        ["nothing to resume", "runs/empty", "Drop --resume"],
+        "--resume",
+        command="train",
+    ),
+    R(
+        "existing-run",
+        _recipe("output_dir: {tmp}/runs/exists\n"),
+        2,
+        ["runs/exists already exists", "--resume", "--overwrite"],
+        command="train",
+        files={
+            "runs/exists/run.json": '{"status": "interrupted", "created_at_unix": 1}',
+            "runs/exists/recipe.yaml": "model:\n  name: x\n",
+            "runs/exists/metrics.jsonl": '{"step": 1, "loss": 2.0}\n',
+        },
+    ),  # it trained: not restarted silently
+    Case(
+        "merge-missing-run", ["merge", "{tmp}/runs/never"], 2, ["run directory", "runs/never does not exist", "hint:"]
+    ),
+    Case(
+        "eval-no-adapter",
+        ["eval", "{tmp}/runs/half"],
+        2,
+        ["runs/half has no finished adapter", "--resume"],
+        files={"runs/half/run.json": '{"status": "interrupted"}', "runs/half/recipe.yaml": "model:\n  name: x\n"},
+    ),
     # ---- models
-    R("model-dir-not-a-model", _recipe(model="{tmp}"), 2, ["model.name", "not a model directory (no config.json)", "hint:"]),
+    R(
+        "model-dir-not-a-model",
+        _recipe(model="{tmp}"),
+        2,
+        ["model.name", "not a model directory (no config.json)", "hint:"],
+    ),
     R("model-is-a-file", _recipe(model="{tmp}/good.jsonl"), 2, ["model.name", "is a file, not a model directory"]),
-    R("model-not-found", _recipe(model="./models/nothere"), 2, ["model.name: ./models/nothere is not an existing path", "hint:"]),
+    R(
+        "model-not-found",
+        _recipe(model="./models/nothere"),
+        2,
+        ["model.name: ./models/nothere is not an existing path", "hint:"],
+    ),
     R("gguf-missing", _recipe(model="{tmp}/m.gguf"), 2, ["model.name: GGUF file", "m.gguf does not exist"]),
-    R("hub-offline", _recipe(model="nobody-here/no-such-model"), 2, ["nobody-here/no-such-model", "HF_HUB_OFFLINE=1", "hint: Offline, name a local model directory"],
-      env={"HF_HUB_OFFLINE": "1"}),
+    R(
+        "hub-offline",
+        _recipe(model="nobody-here/no-such-model"),
+        2,
+        ["nobody-here/no-such-model", "HF_HUB_OFFLINE=1", "hint: Offline, name a local model directory"],
+        env={"HF_HUB_OFFLINE": "1"},
+    ),
     # ---- data (these load the tiny tokenizer)
     R("data-missing", _recipe(data="{tmp}/absent.jsonl"), 2, ["absent.jsonl", "hint:"]),
     R("data-empty", _recipe(data="{tmp}/empty.jsonl"), 2, ["empty.jsonl", "hint:"], files={"empty.jsonl": ""}),
-    R("data-bad-json", _recipe(data="{tmp}/badjson.jsonl"), 2, ["badjson.jsonl", "line 2", "hint:"],
-      files={"badjson.jsonl": GOOD_ROWS.splitlines()[0] + "\n{not json\n"}),
-    R("data-missing-field", _recipe(data="{tmp}/nofield.jsonl").replace("  max_length: 64\n", "  max_length: 64\n  format: completion\n"), 2,
-      ["nofield.jsonl", "row 2", "completion", "hint:"],
-      files={"nofield.jsonl": json.dumps({"prompt": "a", "completion": "b"}) + "\n" + json.dumps({"prompt": "a"}) + "\n"}),
-    R("data-wrong-column-type", _recipe(data="{tmp}/types.jsonl"), 2, ["types.jsonl", "row 1", "prompt", "hint:"],
-      files={"types.jsonl": json.dumps({"prompt": 5, "completion": "b"}) + "\n"}),
-    R("data-not-utf8", _recipe(data="{tmp}/latin1.jsonl"), 2, ["latin1.jsonl", "UTF-8", "hint:"],
-      files={"latin1.jsonl": b'{"text": "caf\xe9"}\n'}),
-    R("chat-unknown-role", _recipe(model="{chat_model}", data="{tmp}/roles.jsonl"), 2, ["roles.jsonl", "row 1", "robot", "hint:"],
-      files={"roles.jsonl": json.dumps({"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n"}),
-    R("data-unknown-format", _recipe(data="{tmp}/weird.jsonl"), 2, ["weird.jsonl", "row 1", "hint:"],
-      files={"weird.jsonl": json.dumps({"question": "a", "answer": "b"}) + "\n"}),
+    R(
+        "data-bad-json",
+        _recipe(data="{tmp}/badjson.jsonl"),
+        2,
+        ["badjson.jsonl", "line 2", "hint:"],
+        files={"badjson.jsonl": GOOD_ROWS.splitlines()[0] + "\n{not json\n"},
+    ),
+    R(
+        "data-missing-field",
+        _recipe(data="{tmp}/nofield.jsonl").replace("  max_length: 64\n", "  max_length: 64\n  format: completion\n"),
+        2,
+        ["nofield.jsonl", "row 2", "completion", "hint:"],
+        files={
+            "nofield.jsonl": json.dumps({"prompt": "a", "completion": "b"}) + "\n" + json.dumps({"prompt": "a"}) + "\n"
+        },
+    ),
+    R(
+        "data-wrong-column-type",
+        _recipe(data="{tmp}/types.jsonl"),
+        2,
+        ["types.jsonl", "row 1", "prompt", "hint:"],
+        files={"types.jsonl": json.dumps({"prompt": 5, "completion": "b"}) + "\n"},
+    ),
+    R(
+        "data-not-utf8",
+        _recipe(data="{tmp}/latin1.jsonl"),
+        2,
+        ["latin1.jsonl", "UTF-8", "hint:"],
+        files={"latin1.jsonl": b'{"text": "caf\xe9"}\n'},
+    ),
+    R(
+        "chat-unknown-role",
+        _recipe(model="{chat_model}", data="{tmp}/roles.jsonl"),
+        2,
+        ["roles.jsonl", "row 1", "robot", "hint:"],
+        files={
+            "roles.jsonl": json.dumps(
+                {"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+            )
+            + "\n"
+        },
+    ),
+    R(
+        "data-unknown-format",
+        _recipe(data="{tmp}/weird.jsonl"),
+        2,
+        ["weird.jsonl", "row 1", "hint:"],
+        files={"weird.jsonl": json.dumps({"question": "a", "answer": "b"}) + "\n"},
+    ),
 ]
 
 
 def _fill(text, tmp, models):
     if isinstance(text, bytes):
         return text
-    return text.replace("{tmp}", str(tmp)).replace("{model}", str(models["model"])).replace("{chat_model}", str(models["chat_model"]))
+    return (
+        text.replace("{tmp}", str(tmp))
+        .replace("{model}", str(models["model"]))
+        .replace("{chat_model}", str(models["chat_model"]))
+    )
 
 
 def _run(case: Case, tmp: Path, models: dict) -> subprocess.CompletedProcess:
@@ -137,7 +299,11 @@ def _run(case: Case, tmp: Path, models: dict) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "LORA_ALLOCATOR": "system", **case.env}
     return subprocess.run(
         [sys.executable, "-m", "lora_cli", *[_fill(a, where, models) for a in case.args]],
-        cwd=where, capture_output=True, text=True, timeout=300, env=env,
+        cwd=where,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from lora_cli.config import dump_recipe, load_recipe, recipe_from_dict
 from lora_cli.errors import RecipeError
+from lora_cli.recipe.load import load_recipe, recipe_from_dict
+from lora_cli.recipe.show import dump_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
@@ -38,7 +39,9 @@ def test_shipped_recipes_exist():
 def test_defaults_and_overrides(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("lora:\n  r: 4\ntrain:\n  lr: 1e-4\n")
-    recipe = load_recipe(path, ["train.lr=3e-4", "lora.r=8", "data.packing=true", "lora.target_modules=[q_proj, v_proj]"])
+    recipe = load_recipe(
+        path, ["train.lr=3e-4", "lora.r=8", "data.packing=true", "lora.target_modules=[q_proj, v_proj]"]
+    )
     assert recipe.lora.r == 8
     assert recipe.train.lr == pytest.approx(3e-4)  # `3e-4` is a string to PyYAML; still a number here
     assert recipe.data.packing is True
@@ -60,7 +63,11 @@ BROKEN = [
     ("lora:\n  dropout: 1.0\n", [], ["'lora.dropout' must be ≥ 0 and < 1"]),
     ("lora:\n  dropout: -0.1\n", [], ["'lora.dropout' must be ≥ 0 and < 1"]),
     ("data:\n  val_split: 1.5\n", [], ["'data.val_split' must be ≥ 0 and < 1"]),
-    ("data:\n  format: sharegpt\n", [], ["'data.format' must be one of 'auto', 'text', 'completion', 'alpaca', 'chat'"]),
+    (
+        "data:\n  format: sharegpt\n",
+        [],
+        ["'data.format' must be one of 'auto', 'text', 'completion', 'alpaca', 'chat'"],
+    ),
     ("data:\n  too_long: wrap\n", [], ["'data.too_long' must be one of 'truncate', 'drop', 'error'"]),
     ("data:\n  max_length: 1\n", [], ["'data.max_length' must be ≥ 2"]),
     ("data:\n  packing: yes please\n", [], ["'data.packing' must be true or false"]),

@@ -1,4 +1,4 @@
-"""lora_cli.data: loading, formats, label masking, too_long, splits, packing, collation, bad input.
+"""lora_cli/data/: loading, formats, label masking, too_long, splits, packing, collation, bad input.
 
 Real tiny tokenizers and models from conftest; no mocks. The packing test runs the tiny models
 the way training does (sdpa, use_cache=False, no attention_mask) and compares per-example losses.
@@ -12,18 +12,13 @@ import sys
 
 import pytest
 
-from lora_cli.config import DataConfig
-from lora_cli.data import (
-    ALPACA_PROMPT,
-    ALPACA_PROMPT_NO_INPUT,
-    IGNORE_INDEX,
-    Collator,
-    load_records,
-    pack,
-    prepare_data,
-    tokenize_records,
-)
+from lora_cli.data.formats import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
+from lora_cli.data.packing import Collator, pack
+from lora_cli.data.prepare import prepare_data
+from lora_cli.data.records import load_records
+from lora_cli.data.tokenize import IGNORE_INDEX, tokenize_records
 from lora_cli.errors import DataError
+from lora_cli.recipe.schema import DataConfig
 
 CHAT = {
     "messages": [
@@ -41,7 +36,7 @@ def supervised(tokenizer, example) -> str:
 
 
 def masked(tokenizer, example) -> str:
-    return tokenizer.decode([t for t, l in zip(example["input_ids"], example["labels"]) if l == IGNORE_INDEX])
+    return tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label == IGNORE_INDEX])
 
 
 def tokenize(records, tokenizer, **cfg):
@@ -119,7 +114,7 @@ def test_chat_supervises_exactly_the_assistant_turns(llama_tokenizer):
     assert text == llama_tokenizer.apply_chat_template(CHAT["messages"], tokenize=False)
     # Each assistant turn with the template's end-of-turn (<|im_end|> = EOS, then the newline).
     assert supervised(llama_tokenizer, ex) == "one two three<|im_end|>\nparis<|im_end|>\n"
-    runs = [l != IGNORE_INDEX for l in ex["labels"]]
+    runs = [label != IGNORE_INDEX for label in ex["labels"]]
     assert sum(1 for i, s in enumerate(runs) if s and (i == 0 or not runs[i - 1])) == 2  # two stretches
     prompt = masked(llama_tokenizer, ex)
     for m in CHAT["messages"]:
@@ -240,7 +235,8 @@ def test_txt_is_one_record_per_paragraph(tmp_path):
 def test_csv_quirks(tmp_path):
     p = tmp_path / "excel.csv"
     p.write_bytes(b"\xef\xbb\xbf prompt ,completion,,\r\nhi,yo,,\r\n\r\n\"a,b\",\"line1\r\nline2\",,\r\n")
-    assert load_records(str(p)) == [{"prompt": "hi", "completion": "yo"}, {"prompt": "a,b", "completion": "line1\r\nline2"}]
+    assert load_records(str(p)) == [{"prompt": "hi", "completion": "yo"},
+                                    {"prompt": "a,b", "completion": "line1\r\nline2"}]
 
 
 def test_chat_messages_in_csv_and_parquet(tmp_path, llama_tokenizer):
@@ -350,8 +346,9 @@ def test_validation_files_and_override(gpt2_tokenizer, tmp_path):
     d = prepare_data(DataConfig(train=str(train), validation=str(val), packing=True), gpt2_tokenizer, seed=0)
     assert [supervised(gpt2_tokenizer, e) for e in d.validation] == ["four five<|endoftext|>"]
     assert "position_ids" not in d.validation[0]  # validation is never packed
-    d = prepare_data(DataConfig(train=str(train), validation=str(val)), gpt2_tokenizer, seed=0,
-                     validation_override=[str(other)])
+    d = prepare_data(
+        DataConfig(train=str(train), validation=str(val)), gpt2_tokenizer, seed=0, validation_override=[str(other)]
+    )
     assert d.report.validation_rows == 2
     assert prepare_data(DataConfig(train=str(train)), gpt2_tokenizer, seed=0).validation is None
 
@@ -377,10 +374,12 @@ def test_pack_first_fit_decreasing():
 
 def test_collator_unpacked_pads_right_and_keeps_eos_labels():
     eos = 7  # pad == eos: the real EOS must stay supervised, padding must not
-    batch = Collator(pad_token_id=eos)([
-        {"input_ids": [1, 2, eos], "labels": [-100, 2, eos]},
-        {"input_ids": [3, eos], "labels": [3, eos]},
-    ])
+    batch = Collator(pad_token_id=eos)(
+        [
+            {"input_ids": [1, 2, eos], "labels": [-100, 2, eos]},
+            {"input_ids": [3, eos], "labels": [3, eos]},
+        ]
+    )
     assert set(batch) == {"input_ids", "labels", "attention_mask"}
     assert batch["input_ids"].tolist() == [[1, 2, eos], [3, eos, eos]]
     assert batch["labels"].tolist() == [[-100, 2, eos], [3, eos, -100]]
@@ -388,10 +387,12 @@ def test_collator_unpacked_pads_right_and_keeps_eos_labels():
 
 
 def test_collator_packed_has_position_ids_and_no_attention_mask():
-    batch = Collator(pad_token_id=None)([
-        {"input_ids": [1, 2, 3, 4], "labels": [-100, 2, -100, 4], "position_ids": [0, 1, 0, 1]},
-        {"input_ids": [5], "labels": [-100], "position_ids": [0]},
-    ])
+    batch = Collator(pad_token_id=None)(
+        [
+            {"input_ids": [1, 2, 3, 4], "labels": [-100, 2, -100, 4], "position_ids": [0, 1, 0, 1]},
+            {"input_ids": [5], "labels": [-100], "position_ids": [0]},
+        ]
+    )
     assert set(batch) == {"input_ids", "labels", "position_ids"}
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4], [5, 0, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 2, -100, 4], [-100, -100, -100, -100]]
@@ -440,13 +441,21 @@ def test_packing_gives_the_unpacked_per_example_losses(arch, attn, request, tmp_
     tokenizer = AutoTokenizer.from_pretrained(path)
     words = "one two three four five six seven eight nine ten".split()
     if arch == "llama":  # chat, so several supervised stretches per example
-        rows = [{"messages": [{"role": "user", "content": " ".join(words[: i + 1])},
-                              {"role": "assistant", "content": " ".join(words[i:])},
-                              {"role": "user", "content": "abc"},
-                              {"role": "assistant", "content": words[i]}]} for i in range(8)]
+        rows = [
+            {
+                "messages": [
+                    {"role": "user", "content": " ".join(words[: i + 1])},
+                    {"role": "assistant", "content": " ".join(words[i:])},
+                    {"role": "user", "content": "abc"},
+                    {"role": "assistant", "content": words[i]},
+                ]
+            }
+            for i in range(8)
+        ]
     else:
-        rows = [{"prompt": " ".join(words[: i + 1]), "completion": " " + " ".join(words[i : 2 * i + 2])}
-                for i in range(8)]
+        rows = [
+            {"prompt": " ".join(words[: i + 1]), "completion": " " + " ".join(words[i : 2 * i + 2])} for i in range(8)
+        ]
     data_path = write_jsonl(tmp_path / "d.jsonl", rows)
     max_length = 64 if arch == "gpt2" else 160  # several packed rows, so the batch has padding
     model = _load_model(path, attn)
@@ -487,8 +496,9 @@ def _count_supervised(example) -> int:
 def test_report_lines_for_a_packed_run(gpt2_tokenizer, tmp_path):
     rows = [{"text": " ".join(["one"] * n)} for n in range(1, 21)]
     path = write_jsonl(tmp_path / "t.jsonl", rows)
-    r = prepare_data(DataConfig(train=str(path), packing=True, max_length=32, val_split=0.1), gpt2_tokenizer,
-                     seed=3).report
+    r = prepare_data(
+        DataConfig(train=str(path), packing=True, max_length=32, val_split=0.1), gpt2_tokenizer, seed=3
+    ).report
     text = "\n".join(r.lines())
     assert f"data: 20 rows from {path}, format text (auto-detected)" in text
     assert "validation: 2 examples from the training rows (val_split 0.1, seed 3)" in text
@@ -499,7 +509,8 @@ def test_report_lines_for_a_packed_run(gpt2_tokenizer, tmp_path):
 
 
 def test_importing_data_does_not_import_torch():
-    code = "import sys, lora_cli.data; sys.exit(any(m in sys.modules for m in ('torch', 'transformers', 'datasets')))"
+    code = ("import sys, lora_cli.data.prepare, lora_cli.data.preview; "
+            "sys.exit(any(m in sys.modules for m in ('torch', 'transformers', 'datasets')))")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
@@ -534,55 +545,160 @@ def _text(name, text):
     def make(tmp):
         (p := tmp / name).write_text(text)
         return p
+
     return make
 
 
 BAD = [
     # id, make(tmp) -> path, tokenizer, substrings of the message, substring of the hint
-    ("missing-file", lambda tmp: tmp / "nope" / "train.jsonl", "gpt2",
-     ["data file not found", "nope/train.jsonl"], "relative to the current directory"),
+    (
+        "missing-file",
+        lambda tmp: tmp / "nope" / "train.jsonl",
+        "gpt2",
+        ["data file not found", "nope/train.jsonl"],
+        "relative to the current directory",
+    ),
     ("directory", lambda tmp: tmp, "gpt2", ["is a directory"], "name the files"),
-    ("unsupported-extension", _text("train.xlsx", "x"), "gpt2", ["train.xlsx", "unsupported file type '.xlsx'"], ".jsonl"),
+    (
+        "unsupported-extension",
+        _text("train.xlsx", "x"),
+        "gpt2",
+        ["train.xlsx", "unsupported file type '.xlsx'"],
+        ".jsonl",
+    ),
     ("non-utf8", _bad_utf8, "gpt2", ["latin1.jsonl", "not valid UTF-8 at byte 28 (line 2)"], "UTF-8"),
-    ("utf16", lambda tmp: (tmp / "u.jsonl").write_bytes('{"text": "a"}'.encode("utf-16")) and tmp / "u.jsonl",
-     "gpt2", ["u.jsonl", "UTF-16"], "UTF-8"),
-    ("bad-json-line", _bad_json_line, "gpt2", ["bad.jsonl line 4: not valid JSON: Expecting ',' delimiter"], "one complete JSON object"),
+    (
+        "utf16",
+        lambda tmp: (tmp / "u.jsonl").write_bytes('{"text": "a"}'.encode("utf-16")) and tmp / "u.jsonl",
+        "gpt2",
+        ["u.jsonl", "UTF-16"],
+        "UTF-8",
+    ),
+    (
+        "bad-json-line",
+        _bad_json_line,
+        "gpt2",
+        ["bad.jsonl line 4: not valid JSON: Expecting ',' delimiter"],
+        "one complete JSON object",
+    ),
     ("pretty-printed-jsonl", _pretty_jsonl, "gpt2", ["pretty.jsonl line 1: not valid JSON"], "name the file .json"),
-    ("jsonl-named-json", _jsonl_named_json, "gpt2", ["lines.json line 2 column 1: not valid JSON: Extra data"], ".jsonl"),
+    (
+        "jsonl-named-json",
+        _jsonl_named_json,
+        "gpt2",
+        ["lines.json line 2 column 1: not valid JSON: Extra data"],
+        ".jsonl",
+    ),
     ("json-not-a-list", _text("d.json", '{"rows": []}'), "gpt2", ["d.json", "keys rows"], "JSON list"),
-    ("jsonl-not-an-object", _text("a.jsonl", '{"text": "a"}\n["text"]\n'), "gpt2",
-     ["a.jsonl line 2: expected a JSON object", "got a list"], None),
-    ("csv-unterminated-quote", _text("q.csv", 'text\nok\n"never closed\n'), "gpt2", ["q.csv line 3: not valid CSV"], "quote"),
-    ("gzip", lambda tmp: (tmp / "z.jsonl").write_bytes(__import__("gzip").compress(b"{}")) and tmp / "z.jsonl",
-     "gpt2", ["z.jsonl: the file is gzip-compressed"], "decompress"),
-    ("csv-wrong-field-count", _text("d.csv", "text,id\nhello,1\nhello,world,2\n"), "gpt2",
-     ["d.csv row 2 (line 3): has 3 fields, the header has 2"], "quote fields"),
-    ("missing-field", _rows("alp.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "a", "outptu": "b"}]),
-     "gpt2", ["alp.jsonl row 2 (line 2): missing field 'output'", "outptu"], "alpaca rows need"),
-    ("missing-field-csv", _text("c.csv", "prompt,answer\nhi,yo\n"), "gpt2",
-     ["cannot tell the data format", "prompt, answer"], "completion {prompt, completion}"),
-    ("wrong-type", _rows("w.jsonl", [{"prompt": "a", "completion": ["b", "c"]}]), "gpt2",
-     ["w.jsonl row 1 (line 1): field 'completion' must be a string, got a list"], "completion rows need"),
-    ("null-field", _rows("n.jsonl", [{"text": "a"}, {"text": None}]), "gpt2",
-     ["n.jsonl row 2 (line 2): field 'text' must be a string, got null"], None),
-    ("many-bad-rows", _rows("m.jsonl", [{"text": "ok"}] + [{"text": i} for i in range(7)]), "gpt2",
-     ["7 bad rows (text format), first 5 shown", "m.jsonl row 6 (line 6)", "got a number"], None),
-    ("unknown-role", _rows("c.jsonl", [CHAT, {"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}]),
-     "llama", ["c.jsonl row 2 (line 2): message 1: unknown role 'bot'", "system, user, assistant, tool"], None),
-    ("content-not-string", _rows("c.jsonl", [{"messages": [{"role": "user", "content": [{"type": "text"}]}]}]),
-     "llama", ["row 1 (line 1): message 0: 'content' must be a string, got a list"], None),
-    ("content-null", _rows("c.jsonl", [{"messages": [{"role": "user", "content": None}]}]),
-     "llama", ["row 1 (line 1): message 0: 'content' must be a string, got null"], None),
-    ("messages-not-list", _rows("c.jsonl", [{"messages": {"role": "user"}}]), "llama",
-     ["field 'messages' must be a list of messages, got an object"], None),
+    (
+        "jsonl-not-an-object",
+        _text("a.jsonl", '{"text": "a"}\n["text"]\n'),
+        "gpt2",
+        ["a.jsonl line 2: expected a JSON object", "got a list"],
+        None,
+    ),
+    (
+        "csv-unterminated-quote",
+        _text("q.csv", 'text\nok\n"never closed\n'),
+        "gpt2",
+        ["q.csv line 3: not valid CSV"],
+        "quote",
+    ),
+    (
+        "gzip",
+        lambda tmp: (tmp / "z.jsonl").write_bytes(__import__("gzip").compress(b"{}")) and tmp / "z.jsonl",
+        "gpt2",
+        ["z.jsonl: the file is gzip-compressed"],
+        "decompress",
+    ),
+    (
+        "csv-wrong-field-count",
+        _text("d.csv", "text,id\nhello,1\nhello,world,2\n"),
+        "gpt2",
+        ["d.csv row 2 (line 3): has 3 fields, the header has 2"],
+        "quote fields",
+    ),
+    (
+        "missing-field",
+        _rows("alp.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "a", "outptu": "b"}]),
+        "gpt2",
+        ["alp.jsonl row 2 (line 2): missing field 'output'", "outptu"],
+        "alpaca rows need",
+    ),
+    (
+        "missing-field-csv",
+        _text("c.csv", "prompt,answer\nhi,yo\n"),
+        "gpt2",
+        ["cannot tell the data format", "prompt, answer"],
+        "completion {prompt, completion}",
+    ),
+    (
+        "wrong-type",
+        _rows("w.jsonl", [{"prompt": "a", "completion": ["b", "c"]}]),
+        "gpt2",
+        ["w.jsonl row 1 (line 1): field 'completion' must be a string, got a list"],
+        "completion rows need",
+    ),
+    (
+        "null-field",
+        _rows("n.jsonl", [{"text": "a"}, {"text": None}]),
+        "gpt2",
+        ["n.jsonl row 2 (line 2): field 'text' must be a string, got null"],
+        None,
+    ),
+    (
+        "many-bad-rows",
+        _rows("m.jsonl", [{"text": "ok"}] + [{"text": i} for i in range(7)]),
+        "gpt2",
+        ["7 bad rows (text format), first 5 shown", "m.jsonl row 6 (line 6)", "got a number"],
+        None,
+    ),
+    (
+        "unknown-role",
+        _rows("c.jsonl", [CHAT, {"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}]),
+        "llama",
+        ["c.jsonl row 2 (line 2): message 1: unknown role 'bot'", "system, user, assistant, tool"],
+        None,
+    ),
+    (
+        "content-not-string",
+        _rows("c.jsonl", [{"messages": [{"role": "user", "content": [{"type": "text"}]}]}]),
+        "llama",
+        ["row 1 (line 1): message 0: 'content' must be a string, got a list"],
+        None,
+    ),
+    (
+        "content-null",
+        _rows("c.jsonl", [{"messages": [{"role": "user", "content": None}]}]),
+        "llama",
+        ["row 1 (line 1): message 0: 'content' must be a string, got null"],
+        None,
+    ),
+    (
+        "messages-not-list",
+        _rows("c.jsonl", [{"messages": {"role": "user"}}]),
+        "llama",
+        ["field 'messages' must be a list of messages, got an object"],
+        None,
+    ),
     ("chat-without-template", _rows("c.jsonl", [CHAT]), "gpt2", ["c.jsonl", "chat template"], "format: completion"),
     ("empty-file", _text("empty.jsonl", "\n\n"), "gpt2", ["empty.jsonl: no rows"], None),
     ("empty-csv", _text("empty.csv", "text\n"), "gpt2", ["empty.csv: no rows"], None),
-    ("unknown-columns", _rows("u.jsonl", [{"question": "a", "answer": "b"}]), "gpt2",
-     ["u.jsonl row 1 (line 1): cannot tell the data format from the columns: question, answer"], "chat {messages}"),
+    (
+        "unknown-columns",
+        _rows("u.jsonl", [{"question": "a", "answer": "b"}]),
+        "gpt2",
+        ["u.jsonl row 1 (line 1): cannot tell the data format from the columns: question, answer"],
+        "chat {messages}",
+    ),
     ("not-parquet", _text("p.parquet", "not parquet"), "gpt2", ["p.parquet: cannot read as Parquet"], "Parquet"),
-    ("hub-id-offline", lambda tmp: "no-such-owner/no-such-dataset", "gpt2",
-     ["could not load hub dataset 'no-such-owner/no-such-dataset'"], "local file"),
+    (
+        "hub-id-offline",
+        lambda tmp: "no-such-owner/no-such-dataset",
+        "gpt2",
+        ["could not load hub dataset 'no-such-owner/no-such-dataset'"],
+        "local file",
+    ),
 ]
 
 
@@ -605,7 +721,7 @@ def test_val_split_that_leaves_nothing_is_an_error(gpt2_tokenizer, tmp_path):
 
 
 def test_a_data_path_without_its_extension_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
-    from lora_cli.records import load_records
+    from lora_cli.data.records import load_records
 
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "chat.jsonl").write_text('{"text": "a"}\n')
@@ -616,7 +732,7 @@ def test_a_data_path_without_its_extension_is_not_looked_up_on_the_hub(tmp_path,
 
 
 def test_a_csv_with_only_a_header_is_called_that(tmp_path):
-    from lora_cli.records import load_records
+    from lora_cli.data.records import load_records
 
     (tmp_path / "h.csv").write_text("prompt,completion\n")
     with pytest.raises(DataError, match=r"no rows \(only a header\)"):

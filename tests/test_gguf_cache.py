@@ -5,7 +5,7 @@ import json
 import os
 import shutil
 
-from lora_cli.gguf_cache import content_digest, converted_gguf_dir
+from lora_cli.model.gguf_cache import content_digest, converted_gguf_dir
 
 
 def _file(path, data: bytes, mtime: int):
@@ -77,7 +77,7 @@ def test_an_unwritable_cache_is_named_before_converting(tmp_path, monkeypatch):
     import pytest
 
     from lora_cli.errors import ModelError
-    from lora_cli.gguf_cache import convert_gguf
+    from lora_cli.model.gguf_cache import convert_gguf
 
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("LORA_CACHE_DIR", str(tmp_path / "file" / "cache"))  # under a file: cannot be made

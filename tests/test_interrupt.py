@@ -68,14 +68,16 @@ def test_second_ctrl_c_during_a_save_aborts_and_keeps_the_last_good_checkpoint(t
     and --resume continues from checkpoint-2."""
     import peft.peft_model
 
-    import lora_cli.callbacks
-    from lora_cli.checkpoints import check_loads_safely
+    import lora_cli.commands.train
+    import lora_cli.training.callbacks
+    from lora_cli.commands.train import run as run_training
     from lora_cli.errors import Interrupted
-    from lora_cli.runs import RunPaths
-    from lora_cli.train import latest_checkpoint, run_training
+    from lora_cli.run.checkpoints import latest_checkpoint
+    from lora_cli.run.paths import RunPaths
+    from lora_cli.training.checkpoints import check_loads_safely
     from tests.helpers import completion_rows, tiny_recipe
 
-    class CtrlCAtStep3(lora_cli.callbacks.StopOnSignalCallback):
+    class CtrlCAtStep3(lora_cli.training.callbacks.StopOnSignalCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 3 and self.received is None:
                 os.kill(os.getpid(), signal.SIGINT)  # the real handler runs, as for a user's Ctrl-C
@@ -88,7 +90,7 @@ def test_second_ctrl_c_during_a_save_aborts_and_keeps_the_last_good_checkpoint(t
         if "checkpoint-3" in str(filename):
             os.kill(os.getpid(), signal.SIGINT)  # the impatient second Ctrl-C, mid-save
 
-    monkeypatch.setattr(lora_cli.callbacks, "StopOnSignalCallback", CtrlCAtStep3)
+    monkeypatch.setattr(lora_cli.commands.train, "StopOnSignalCallback", CtrlCAtStep3)
     monkeypatch.setattr(peft.peft_model, "safe_save_file", save_then_ctrl_c)
     data = write_jsonl(tmp_path / "train.jsonl", completion_rows())
     recipe = tiny_recipe(tiny_gpt2, data, tmp_path / "run", train={"max_steps": 4, "save_every": 2})
@@ -112,19 +114,21 @@ def test_second_ctrl_c_during_a_save_aborts_and_keeps_the_last_good_checkpoint(t
 
 def test_sigterm_saves_a_checkpoint_and_exits_143(tiny_gpt2, tmp_path, monkeypatch):
     """A pre-empting scheduler sends SIGTERM: same save as Ctrl-C, exit code 128 + 15."""
-    import lora_cli.callbacks
+    import lora_cli.commands.train
+    import lora_cli.training.callbacks
+    from lora_cli.commands.train import run as run_training
     from lora_cli.errors import Interrupted
-    from lora_cli.runs import RunPaths
-    from lora_cli.train import latest_checkpoint, run_training
+    from lora_cli.run.checkpoints import latest_checkpoint
+    from lora_cli.run.paths import RunPaths
     from tests.helpers import completion_rows, tiny_recipe
 
-    class TermAtStep3(lora_cli.callbacks.StopOnSignalCallback):
+    class TermAtStep3(lora_cli.training.callbacks.StopOnSignalCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 3 and self.received is None:
                 os.kill(os.getpid(), signal.SIGTERM)
             return super().on_step_end(args, state, control, **kwargs)
 
-    monkeypatch.setattr(lora_cli.callbacks, "StopOnSignalCallback", TermAtStep3)
+    monkeypatch.setattr(lora_cli.commands.train, "StopOnSignalCallback", TermAtStep3)
     data = write_jsonl(tmp_path / "train.jsonl", completion_rows())
     recipe = tiny_recipe(tiny_gpt2, data, tmp_path / "run", train={"max_steps": 10})
     with pytest.raises(Interrupted) as info:
@@ -138,8 +142,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tiny_gpt2, tmp_path, monkeypat
 def test_ctrl_c_during_the_final_adapter_save_leaves_no_half_adapter(tiny_gpt2, tmp_path, monkeypatch):
     import peft.peft_model
 
+    from lora_cli.commands.train import run as run_training
     from lora_cli.errors import Interrupted
-    from lora_cli.train import run_training
     from tests.helpers import completion_rows, tiny_recipe
 
     real_save = peft.peft_model.safe_save_file
@@ -164,16 +168,16 @@ def test_ctrl_c_during_the_final_adapter_save_leaves_no_half_adapter(tiny_gpt2, 
 
 def test_ctrl_c_after_the_adapter_is_saved_leaves_the_run_completed(tiny_gpt2, tmp_path, monkeypatch):
     """A Ctrl-C while the loss plot is drawn (after the adapter and run.json say completed)."""
-    import lora_cli.plot
+    import lora_cli.commands.train
+    from lora_cli.commands.train import run as run_training
     from lora_cli.errors import Interrupted
-    from lora_cli.train import run_training
     from tests.helpers import completion_rows, tiny_recipe
 
     def ctrl_c_while_plotting(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(5)  # the KeyboardInterrupt arrives here
 
-    monkeypatch.setattr(lora_cli.plot, "write_loss_plot", ctrl_c_while_plotting)
+    monkeypatch.setattr(lora_cli.commands.train, "write_loss_plot", ctrl_c_while_plotting)
     data = write_jsonl(tmp_path / "train.jsonl", completion_rows())
     recipe = tiny_recipe(tiny_gpt2, data, tmp_path / "run", train={"max_steps": 2})
     with pytest.raises(Interrupted) as info:
@@ -187,18 +191,19 @@ def test_ctrl_c_after_the_adapter_is_saved_leaves_the_run_completed(tiny_gpt2, t
 
 def test_runs_shows_the_step_an_interrupted_run_reached(tiny_gpt2, tmp_path, monkeypatch, capsys):
     """Interrupted at step 3 between log lines (every 5 steps): `lora runs` says 3, not 1."""
-    import lora_cli.callbacks
+    import lora_cli.commands.train
+    import lora_cli.training.callbacks
+    from lora_cli.commands.train import run as run_training
     from lora_cli.errors import Interrupted
-    from lora_cli.train import run_training
     from tests.helpers import completion_rows, lora_in_process, tiny_recipe
 
-    class CtrlCAtStep3(lora_cli.callbacks.StopOnSignalCallback):
+    class CtrlCAtStep3(lora_cli.training.callbacks.StopOnSignalCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 3 and self.received is None:
                 os.kill(os.getpid(), signal.SIGINT)
             return super().on_step_end(args, state, control, **kwargs)
 
-    monkeypatch.setattr(lora_cli.callbacks, "StopOnSignalCallback", CtrlCAtStep3)
+    monkeypatch.setattr(lora_cli.commands.train, "StopOnSignalCallback", CtrlCAtStep3)
     data = write_jsonl(tmp_path / "train.jsonl", completion_rows())
     recipe = tiny_recipe(tiny_gpt2, data, tmp_path / "runs" / "int", train={"max_steps": 10, "log_every": 5})
     with pytest.raises(Interrupted):
@@ -220,8 +225,8 @@ def test_a_signal_during_the_ranks_agreement_waits_for_the_next_step(monkeypatch
 
     from transformers import TrainerControl
 
-    import lora_cli.distributed
-    from lora_cli.callbacks import StopOnSignalCallback
+    import lora_cli.training.distributed
+    from lora_cli.training.callbacks import StopOnSignalCallback
 
     stopper = StopOnSignalCallback()
     signal_now = {"pending": True}
@@ -231,7 +236,7 @@ def test_a_signal_during_the_ranks_agreement_waits_for_the_next_step(monkeypatch
             stopper._handle(signal.SIGINT, None)
         return value
 
-    monkeypatch.setattr(lora_cli.distributed, "agree_max", agree_max)
+    monkeypatch.setattr(lora_cli.training.distributed, "agree_max", agree_max)
     first = stopper.on_step_end(None, None, TrainerControl())
     assert not first.should_training_stop and not first.should_save and not stopper.stopped
     assert stopper.received == signal.SIGINT  # remembered for the next agreement
@@ -242,13 +247,14 @@ def test_a_signal_during_the_ranks_agreement_waits_for_the_next_step(monkeypatch
 def test_ctrl_c_on_the_last_step_completes_the_run(tiny_gpt2, tmp_path, monkeypatch, capsys):
     """A Ctrl-C agreed at the end of the last step: nothing is left to train, so the adapter is
     saved and the run is complete (it used to exit 130, and --resume retrained from step 0)."""
-    import lora_cli.callbacks
     from safetensors.torch import load_file
 
-    from lora_cli.train import run_training
+    import lora_cli.commands.train
+    import lora_cli.training.callbacks
+    from lora_cli.commands.train import run as run_training
     from tests.helpers import completion_rows, tiny_recipe
 
-    class CtrlCAtStep4(lora_cli.callbacks.StopOnSignalCallback):
+    class CtrlCAtStep4(lora_cli.training.callbacks.StopOnSignalCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 4 and self.received is None:
                 os.kill(os.getpid(), signal.SIGINT)
@@ -257,7 +263,7 @@ def test_ctrl_c_on_the_last_step_completes_the_run(tiny_gpt2, tmp_path, monkeypa
     data = write_jsonl(tmp_path / "train.jsonl", completion_rows())
     reference = run_training(tiny_recipe(tiny_gpt2, data, tmp_path / "straight", train={"max_steps": 4}),
                              recipe_path=None, resume=False, overwrite=False).final
-    monkeypatch.setattr(lora_cli.callbacks, "StopOnSignalCallback", CtrlCAtStep4)
+    monkeypatch.setattr(lora_cli.commands.train, "StopOnSignalCallback", CtrlCAtStep4)
     capsys.readouterr()
     result = run_training(tiny_recipe(tiny_gpt2, data, tmp_path / "run", train={"max_steps": 4}),
                           recipe_path=None, resume=False, overwrite=False)
@@ -268,7 +274,8 @@ def test_ctrl_c_on_the_last_step_completes_the_run(tiny_gpt2, tmp_path, monkeypa
     record = json.loads((run / "run.json").read_text())
     assert record["status"] == "completed" and record["final"]["global_step"] == 4
     assert result.final["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-6)
-    ours, theirs = load_file(run / "adapter" / "adapter_model.safetensors"), load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    ours = load_file(run / "adapter" / "adapter_model.safetensors")
+    theirs = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
     assert ours.keys() == theirs.keys() and all(torch_equal(ours[k], theirs[k]) for k in ours)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # our handler is removed again
 

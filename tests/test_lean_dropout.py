@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_cli.lean_dropout import DropoutThenLinear, fold_lora_dropout
+from lora_cli.model.lean_dropout import DropoutThenLinear, fold_lora_dropout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,7 +118,9 @@ def _peak_training_mb(tmp_path: Path, name: str, *, plain: bool, dtype: str = "f
         f"output_dir: {tmp_path}/{name}\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "2", "MALLOC_MMAP_THRESHOLD_": "65536"}
-    args = [sys.executable, str(ROOT / "tests" / "memprobe.py"), str(recipe)] + (["--plain-lora-dropout"] if plain else [])
+    args = [sys.executable, str(ROOT / "tests" / "memprobe.py"), str(recipe)] + (
+        ["--plain-lora-dropout"] if plain else []
+    )
     done = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_mb"]
@@ -132,7 +134,10 @@ def test_folded_dropout_lowers_peak_training_memory(tmp_path):
     expected_mb = 4 * 1024 * (6 * 512 + 1376) * 5 / 2**20
     plain = _peak_training_mb(tmp_path, "plain", plain=True)
     folded = _peak_training_mb(tmp_path, "folded", plain=False)
-    print(f"peak above imports: peft dropout {plain:.0f} MB, folded {folded:.0f} MB (expected saving {expected_mb:.0f} MB)")
+    print(
+        f"peak above imports: peft dropout {plain:.0f} MB, folded {folded:.0f} MB "
+        f"(expected saving {expected_mb:.0f} MB)"
+    )
     assert plain - folded > 0.6 * expected_mb, (plain, folded)
 
 

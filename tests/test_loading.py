@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from lora_cli.config import ModelConfig
-from lora_cli.model import load_base_model, read_checkpoint_without_mmap
+from lora_cli.model.loading import load_base_model, read_checkpoint_without_mmap
+from lora_cli.recipe.schema import ModelConfig
 from tests.helpers import without_cpu_bf16_repacking
 
 
@@ -15,7 +15,7 @@ def test_4bit_load_reads_with_pread_and_quantizes_the_same_weights(tiny_llama):
     cfg = ModelConfig(name=str(tiny_llama), dtype="float32", quantization="4bit")
     ours = load_base_model(cfg)
     # transformers' own load of the same checkpoint, through its memory map
-    from lora_cli.model import quantization_config
+    from lora_cli.model.loading import quantization_config
 
     plain = without_cpu_bf16_repacking(AutoModelForCausalLM.from_pretrained(
         tiny_llama, dtype=torch.float32, quantization_config=quantization_config(cfg)))
@@ -29,7 +29,9 @@ def test_4bit_load_reads_with_pread_and_quantizes_the_same_weights(tiny_llama):
 
     # the patched reader really is in use (a transformers change could make it a silent no-op)
     with read_checkpoint_without_mmap(True) as reads:
-        AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, quantization_config=quantization_config(cfg))
+        AutoModelForCausalLM.from_pretrained(
+            tiny_llama, dtype=torch.float32, quantization_config=quantization_config(cfg)
+        )
     assert reads and all(str(path).endswith(".safetensors") for path in reads)
     import transformers.modeling_utils as modeling_utils
     from safetensors import safe_open

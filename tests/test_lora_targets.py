@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from lora_cli.config import LoraSection
 from lora_cli.errors import ModelError
-from lora_cli.model import attach_lora, load_base_model, resolve_model_source
+from lora_cli.model.adapters import attach_lora
+from lora_cli.model.loading import load_base_model
+from lora_cli.model.sources import resolve_model_source
+from lora_cli.recipe.schema import LoraSection
 from tests.helpers import tiny_recipe
 
 
@@ -49,7 +51,9 @@ def test_estimate_and_validate_catch_a_misspelt_module_to_save_too(tiny_gpt2, tm
 
     data = write_jsonl(tmp_path / "train.jsonl", completion_rows())
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"model: {{name: {tiny_gpt2}}}\ndata: {{train: {data}, max_length: 64}}\nlora: {{modules_to_save: [lm_haed]}}\n")
+    recipe.write_text(
+        f"model: {{name: {tiny_gpt2}}}\ndata: {{train: {data}, max_length: 64}}\nlora: {{modules_to_save: [lm_haed]}}\n"
+    )
     for command in ("estimate", "validate"):
         code, out, err = lora_in_process(monkeypatch, capsys, command, recipe)
         assert code == 2 and "lora.modules_to_save: lm_haed not found" in err, (command, err)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_cli import loss as chunked
+from lora_cli.training import loss as chunked
 
 
 def test_frozen_head_cross_entropy_matches_full_logits(monkeypatch):
@@ -89,14 +89,14 @@ def test_trainer_uses_it_for_training_and_evaluation_with_the_same_result(tiny_l
     """LoraTrainer's loss (train step and evaluate) equals the Trainer's own, on a padded batch."""
     from transformers import TrainingArguments
 
-    from lora_cli.data import Collator
-    from lora_cli.train import make_trainer_class
+    from lora_cli.data.packing import Collator
+    from lora_cli.training.trainer import LoraTrainer
 
     rows = [{"input_ids": list(range(3, 3 + n)), "labels": [-100] * 2 + list(range(5, 3 + n))} for n in (5, 9, 7, 12)]
     results = {}
     for chunked_loss in (True, False):
         model = _peft_model(tiny_llama)
-        trainer_cls = make_trainer_class()
+        trainer_cls = LoraTrainer
         trainer_cls.use_chunked_loss = chunked_loss
         args = TrainingArguments(output_dir=str(tmp_path / str(chunked_loss)), per_device_eval_batch_size=2,
                                  report_to="none", use_cpu=True, disable_tqdm=True)

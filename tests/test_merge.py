@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_cli.errors import EXIT_RUNTIME, EXIT_USAGE, RunDirError
-from lora_cli.merge import MergeError, run_merge
+from lora_cli.commands.merge import run as run_merge
+from lora_cli.errors import EXIT_RUNTIME, EXIT_USAGE, MergeError, RunDirError
 from tests.helpers import chat_rows, completion_rows, lora_in_process, train_tiny_run, without_cpu_bf16_repacking
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,7 +82,13 @@ def sha256(path: Path) -> str:
 
 def assert_plain_model_dir(directory: Path) -> None:
     names = {p.name for p in directory.iterdir()}
-    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
+    assert {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    } <= names
     assert not names & PEFT_FILES, names
     assert not any(n.endswith((".bin", ".pt", ".pth")) for n in names)
     assert "quantization_config" not in json.loads((directory / "config.json").read_text())
@@ -159,9 +165,13 @@ def test_merge_never_replaces_the_base_model_or_a_model_it_did_not_write(runs, t
     other_model = tmp_path / "models" / "gpt2"  # a model directory, but no merge wrote it
     shutil.copytree(runs["gpt2"], other_model)
     (run / "checkpoints").mkdir()
-    for output, message in [(base, "would replace the run's base model"), (base.parent, "would replace the run's base model"),
-                            (run / "checkpoints" / "m", "would replace the run"), (run / "adapter" / "m", "would replace the run"),
-                            (other_model, "is not a model written by `lora merge`")]:
+    for output, message in [
+        (base, "would replace the run's base model"),
+        (base.parent, "would replace the run's base model"),
+        (run / "checkpoints" / "m", "would replace the run"),
+        (run / "adapter" / "m", "would replace the run"),
+        (other_model, "is not a model written by `lora merge`"),
+    ]:
         code, out, err = lora(monkeypatch, capsys, "merge", run, "-o", output, "--overwrite")
         assert code == EXIT_USAGE, (output, err)
         assert message in err and "hint:" in err and "Traceback" not in err, (output, err)
@@ -283,7 +293,12 @@ def test_cli_merge_latest_run(runs, tmp_path):
     assert "merged model saved to runs/" in result.stdout
     assert_plain_model_dir(run / "merged")
     again = subprocess.run(
-        [sys.executable, "-m", "lora_cli", "merge", f"runs/{run.name}"], capture_output=True, text=True, cwd=tmp_path, timeout=600, env=ENV
+        [sys.executable, "-m", "lora_cli", "merge", f"runs/{run.name}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+        env=ENV,
     )
     assert again.returncode == EXIT_USAGE
     assert "already exists" in again.stderr and "--overwrite" in again.stderr and "Traceback" not in again.stderr
@@ -308,7 +323,9 @@ def test_merge_overwrite_keeps_user_files_in_a_merge_without_a_valid_marker(runs
         assert code == EXIT_USAGE, (marker, err)
         assert "did not write" in err and "NOTES.txt" in err and "gguf/" in err and "Traceback" not in err, err
         assert "verify:" not in out
-        assert (out_dir / "NOTES.txt").read_text() == "my notes" and (out_dir / "gguf" / "model.gguf").read_text() == "x"
+        assert (out_dir / "NOTES.txt").read_text() == "my notes" and (
+            out_dir / "gguf" / "model.gguf"
+        ).read_text() == "x"
     # Once they are moved out, the older merge is replaced as before.
     (out_dir / "NOTES.txt").unlink()
     shutil.rmtree(out_dir / "gguf")
@@ -321,9 +338,11 @@ def test_merge_refuses_an_output_it_cannot_write_before_any_work(runs, tmp_path,
 
     run = copy_run(runs["lora"], tmp_path)
     (tmp_path / "afile").write_text("a file")
-    for output, message in [(tmp_path / "afile" / "sub", f"{tmp_path / 'afile'} is a file, not a directory"),
-                            (tmp_path / "afile" / "a" / "b", f"{tmp_path / 'afile'} is a file, not a directory"),
-                            (Path("/proc/lora-merged-x"), "cannot create anything in /proc")]:
+    for output, message in [
+        (tmp_path / "afile" / "sub", f"{tmp_path / 'afile'} is a file, not a directory"),
+        (tmp_path / "afile" / "a" / "b", f"{tmp_path / 'afile'} is a file, not a directory"),
+        (Path("/proc/lora-merged-x"), "cannot create anything in /proc"),
+    ]:
         code, out, err = lora(monkeypatch, capsys, "merge", run, "-o", output)
         assert code == EXIT_USAGE, (output, err)
         assert f"cannot write --output {output}: " in err and message in err and "hint:" in err, err

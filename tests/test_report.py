@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-
 import pytest
 
-from lora_cli import datastats
-from lora_cli.config import DataConfig, dump_recipe_marked, load_recipe, recipe_origins
-from lora_cli.data import prepare_data
+from lora_cli.data import stats as datastats
+from lora_cli.data.prepare import prepare_data
+from lora_cli.recipe.load import load_recipe
+from lora_cli.recipe.schema import DataConfig
+from lora_cli.recipe.show import dump_recipe_marked, recipe_origins
 from tests.helpers import completion_rows, lora_in_process, write_jsonl
 
 LONG = {"prompt": "Define: long\n", "completion": " ".join(["the quick brown fox"] * 20)}
@@ -25,15 +26,17 @@ def report_recipe(tiny_gpt2, tmp_path_factory):
 
 
 def test_validate_prints_marked_recipe_report_preview_and_estimate(report_recipe, monkeypatch, capsys):
-    code, out, err = lora_in_process(monkeypatch, capsys, "validate", report_recipe, "train.batch_size=4", "--preview", "1")
+    code, out, err = lora_in_process(
+        monkeypatch, capsys, "validate", report_recipe, "train.batch_size=4", "--preview", "1"
+    )
     assert code == 0, err
     lines = out.splitlines()
-    assert any(l.startswith("  max_length: 32") and l.endswith("# recipe") for l in lines)
-    assert any(l.startswith("  batch_size: 4") and l.endswith("# override") for l in lines)
-    assert any(l.startswith("  r: 16") and l.endswith("# default") for l in lines)
+    assert any(line.startswith("  max_length: 32") and line.endswith("# recipe") for line in lines)
+    assert any(line.startswith("  batch_size: 4") and line.endswith("# override") for line in lines)
+    assert any(line.startswith("  r: 16") and line.endswith("# default") for line in lines)
     assert "lengths (tokens, before truncation): min" in out and "p95" in out
-    assert any("|#" in l for l in lines)  # the histogram
-    assert any("> max_length" in l for l in lines)  # bins beyond max_length are marked
+    assert any("|#" in line for line in lines)  # the histogram
+    assert any("> max_length" in line for line in lines)  # bins beyond max_length are marked
     assert "truncated 1 of 17 rows" in out
     assert "truncated: " in out and "row 3 (line 3)" in out  # names the row
     assert "supervised" in out
@@ -54,19 +57,32 @@ def test_dry_run_is_validate(report_recipe, monkeypatch, capsys):
 
 def test_max_length_beyond_context_warns_or_stops(report_recipe, tiny_llama, monkeypatch, capsys):
     # RoPE (Llama): positions past the context compute, untrained: a warning
-    code, out, err = lora_in_process(monkeypatch, capsys, "validate", report_recipe, f"model.name={tiny_llama}",
-                                     "data.max_length=1000", "--preview", "0")
+    code, out, err = lora_in_process(
+        monkeypatch,
+        capsys,
+        "validate",
+        report_recipe,
+        f"model.name={tiny_llama}",
+        "data.max_length=1000",
+        "--preview",
+        "0",
+    )
     assert code == 0, err
     assert "warning: data.max_length 1000 is beyond the model's context of 256 tokens" in out
     assert "data.max_length=256" in out  # the fix
     # learned positions (GPT-2): a longer row cannot run at all, as `lora train` says too
-    code, out, err = lora_in_process(monkeypatch, capsys, "validate", report_recipe, "data.max_length=1000", "--preview", "0")
+    code, out, err = lora_in_process(
+        monkeypatch, capsys, "validate", report_recipe, "data.max_length=1000", "--preview", "0"
+    )
     assert code == 2 and "data.max_length: 1000 is beyond the model's context of 256 tokens (n_positions)" in err
     assert "data.max_length=256" in err and "Traceback" not in err
 
 
 def test_chat_data_without_template_is_an_error_with_fix(tiny_gpt2, tmp_path, monkeypatch, capsys):
-    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}])
+    data = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}],
+    )
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"model: {{name: {tiny_gpt2}}}\ndata: {{train: {data}, max_length: 64}}\n")
     code, out, err = lora_in_process(monkeypatch, capsys, "validate", recipe)
@@ -79,8 +95,15 @@ def test_missing_eos_is_warned_only_when_it_happens(tmp_path, llama_tokenizer, g
     GPT-2's EOS): a warning with a fix. The Llama tokenizer, whose EOS is the end-of-turn, is fine."""
     from tests.tiny import CHATML_TEMPLATE
 
-    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
-                          {"role": "user", "content": "bye"}]}] * 3
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "yo"},
+                {"role": "user", "content": "bye"},
+            ]
+        }
+    ] * 3
     path = write_jsonl(tmp_path / "c.jsonl", rows)
     gpt2_chat = gpt2_tokenizer.__class__.from_pretrained(gpt2_tokenizer.name_or_path)
     gpt2_chat.chat_template = CHATML_TEMPLATE
@@ -89,7 +112,7 @@ def test_missing_eos_is_warned_only_when_it_happens(tmp_path, llama_tokenizer, g
     assert report.pad_is_eos and report.eos_supervised == 0
     assert len(report.warnings) == 1 and "3 of 3 examples have no supervised EOS" in report.warnings[0]
     assert "Fix:" in report.warnings[0]
-    assert any(l.startswith("warning: 3 of 3") for l in report.lines())
+    assert any(line.startswith("warning: 3 of 3") for line in report.lines())
     ok = prepare_data(DataConfig(train=str(path), format="chat"), llama_tokenizer, seed=0).report
     assert ok.warnings == [] and ok.eos_supervised == 3
 
@@ -100,8 +123,9 @@ def test_recipe_origins_and_marks(tmp_path):
     origins = recipe_origins(path, ["data.max_length=128", "train.lr=1e-3"])
     assert origins == {"lora.r": "recipe", "data.max_length": "override", "train.lr": "override"}
     lines = dump_recipe_marked(load_recipe(path, ["data.max_length=128", "train.lr=1e-3"]), origins)
-    assert "  max_length: 128" in [l.split("#")[0].rstrip() for l in lines]
-    assert any(l.startswith("output_dir: runs/r") and l.endswith("# default (runs/<recipe name>)") for l in lines)
+    assert "  max_length: 128" in [line.split("#")[0].rstrip() for line in lines]
+    assert any(line.startswith("output_dir: runs/r") and line.endswith("# default (runs/<recipe name>)")
+               for line in lines)
 
 
 def test_datastats():
@@ -135,22 +159,22 @@ def test_train_prints_marked_recipe_before_loading_and_training(tiny_gpt2, tmp_p
 
     def marked(out: str) -> list[str]:
         lines = out.splitlines()
-        head = [n for n, l in enumerate(lines) if l.startswith("recipe (resolved; lora validate ")]
+        head = [n for n, line in enumerate(lines) if line.startswith("recipe (resolved; lora validate ")]
         assert len(head) == 1, out  # once
-        first_step = next((n for n, l in enumerate(lines) if l.startswith("step ")), len(lines))
-        model = next(n for n, l in enumerate(lines) if l.startswith("model: "))  # printed before the weights load
+        first_step = next((n for n, line in enumerate(lines) if line.startswith("step ")), len(lines))
+        model = next(n for n, line in enumerate(lines) if line.startswith("model: "))  # printed before the weights load
         assert head[0] < model < first_step
-        return lines[head[0]:model]
+        return lines[head[0] : model]
 
     code, out, _ = lora_in_process(monkeypatch, capsys, "train", recipe, "train.max_steps=2")
     assert code == 0, out
     block = marked(out)
-    assert any(l.startswith("  max_steps: 2") and l.endswith("# override") for l in block)
-    assert any(l.startswith("  max_length: 32") and l.endswith("# recipe") for l in block)
-    assert any(l.startswith("  r: 16") and l.endswith("# default") for l in block)
+    assert any(line.startswith("  max_steps: 2") and line.endswith("# override") for line in block)
+    assert any(line.startswith("  max_length: 32") and line.endswith("# recipe") for line in block)
+    assert any(line.startswith("  r: 16") and line.endswith("# default") for line in block)
     assert "adapter saved to" in out
 
-    assert any(l.startswith("step ") for l in out.splitlines())
+    assert any(line.startswith("step ") for line in out.splitlines())
 
     # Resuming the run directory: its saved recipe.yaml sets every value; the override (a
     # cadence, which resume allows) is marked. (A completed run has nothing to resume: without
@@ -161,8 +185,8 @@ def test_train_prints_marked_recipe_before_loading_and_training(tiny_gpt2, tmp_p
     code, out, _ = lora_in_process(monkeypatch, capsys, "train", run, "--resume", "train.log_every=2")
     assert code == 0, out
     block = marked(out)
-    assert any(l.startswith("  log_every: 2") and l.endswith("# override") for l in block)
-    assert any(l.startswith("  r: 16") and l.endswith("# recipe") for l in block)
+    assert any(line.startswith("  log_every: 2") and line.endswith("# override") for line in block)
+    assert any(line.startswith("  r: 16") and line.endswith("# recipe") for line in block)
 
 
 def test_preview_labels_each_example_with_its_own_row(tiny_gpt2, tmp_path, monkeypatch, capsys):
@@ -178,7 +202,9 @@ def test_preview_labels_each_example_with_its_own_row(tiny_gpt2, tmp_path, monke
 
 
 def test_settings_that_cannot_act_are_said(report_recipe, monkeypatch, capsys):
-    code, out, err = lora_in_process(monkeypatch, capsys, "validate", report_recipe, "train.eval_every=2", "--preview", "0")
+    code, out, err = lora_in_process(
+        monkeypatch, capsys, "validate", report_recipe, "train.eval_every=2", "--preview", "0"
+    )
     assert code == 0, err
     assert "note: train.eval_every is set but there is no validation data" in out
     code, out, err = lora_in_process(monkeypatch, capsys, "validate", report_recipe, "--preview", "0")

@@ -5,17 +5,19 @@ from __future__ import annotations
 import errno
 import json
 import os
-import signal
 import shutil
+import signal
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import lora_cli.callbacks
+import lora_cli.commands.train
+import lora_cli.training.callbacks
+from lora_cli.commands.train import run as run_training
 from lora_cli.errors import Interrupted, RunDirError, TrainingError
-from lora_cli.train import latest_checkpoint, run_training
-from lora_cli.runs import RunPaths
+from lora_cli.run.checkpoints import latest_checkpoint
+from lora_cli.run.paths import RunPaths
 from tests.helpers import completion_rows, read_metrics, tiny_recipe, write_jsonl
 
 # 32 rows / batch 8 = 4 steps per epoch; 3 epochs = 12 steps. The interrupt lands at step 6,
@@ -41,7 +43,7 @@ def _interrupting_callback(at_step: int):
     """StopOnSignalCallback that sends this process a real SIGINT at `at_step`: the same path as
     a user's Ctrl-C (signal handler -> finish the step -> save -> stop), at a deterministic step."""
 
-    class InterruptAt(lora_cli.callbacks.StopOnSignalCallback):
+    class InterruptAt(lora_cli.training.callbacks.StopOnSignalCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == at_step and self.received is None:
                 os.kill(os.getpid(), signal.SIGINT)
@@ -53,7 +55,7 @@ def _interrupting_callback(at_step: int):
 def _train_until_ctrl_c(recipe, at_step: int) -> Interrupted:
     """Run `recipe` until a real Ctrl-C at `at_step` stops it; the Interrupted it raised."""
     mp = pytest.MonkeyPatch()
-    mp.setattr(lora_cli.callbacks, "StopOnSignalCallback", _interrupting_callback(at_step))
+    mp.setattr(lora_cli.commands.train, "StopOnSignalCallback", _interrupting_callback(at_step))
     try:
         with pytest.raises(Interrupted) as info:
             run_training(recipe, recipe_path=None, resume=False, overwrite=False)
@@ -160,7 +162,7 @@ def test_resume_refuses_a_change_that_alters_what_is_learned(straight_run, tiny_
 
 
 def test_resume_refuses_edited_data_and_allows_log_cadence(straight_run, tiny_gpt2, capsys):
-    from lora_cli.train import check_resumable
+    from lora_cli.training.resume import check_resumable
 
     tmp = straight_run.parent.parent
     recipe = _recipe(tiny_gpt2, tmp, "straight", train={"log_every": 3})
@@ -278,7 +280,7 @@ _KILL_SCRIPT = """
 import os, signal, sys
 from pathlib import Path
 import peft.peft_model
-from lora_cli.train import run_training
+from lora_cli.commands.train import run as run_training
 from tests.helpers import completion_rows, tiny_recipe, write_jsonl
 
 tmp, model = Path(sys.argv[1]), Path(sys.argv[2])
@@ -326,7 +328,7 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_and_resume_works(ti
 
 
 def test_atomic_directory_replaces_a_directory_whole(tmp_path):
-    from lora_cli.runs import atomic_directory
+    from lora_cli.fsutil import atomic_directory
 
     target = tmp_path / "adapter"
     target.mkdir()

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from lora_cli.commands.train import run as run_training
 from lora_cli.errors import RunDirError
-from lora_cli.runs import RunPaths, _pid_start_time, find_latest_run, resolve_run
-from lora_cli.train import run_training
+from lora_cli.run.lookup import find_latest_run, resolve_run
+from lora_cli.run.paths import RunPaths
+from lora_cli.run.processes import pid_start_time as _pid_start_time
 from tests.helpers import completion_rows, lora_in_process, tiny_recipe, write_jsonl
 
 OURS = {"name": "old", "status": "failed", "created_at_unix": 1.0}
@@ -202,7 +204,7 @@ def test_a_run_just_starting_is_never_taken_for_one_that_stopped(tiny_gpt2, tmp_
     brand-new directory. The first run.json already says "running" with the live pid."""
     import os
 
-    from lora_cli.runs import prepare_run_dir
+    from lora_cli.run.lifecycle import prepare_run_dir
 
     paths = prepare_run_dir(tmp_path / "fresh", resume=False, overwrite=False)
     claim = json.loads(paths.run_json.read_text())

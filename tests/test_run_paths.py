@@ -48,7 +48,9 @@ def test_a_runs_deleted_base_is_named_not_looked_up_on_the_hub(tiny_gpt2, tmp_pa
         assert f"{tmp_path / 'project' / 'base'} no longer exists" in err and "Traceback" not in err
 
 
-def test_a_runs_deleted_data_is_named_not_replaced_by_a_file_of_the_same_name_here(tiny_gpt2, tmp_path, monkeypatch, capsys):
+def test_a_runs_deleted_data_is_named_not_replaced_by_a_file_of_the_same_name_here(
+    tiny_gpt2, tmp_path, monkeypatch, capsys
+):
     run, _ = _train_with_relative_paths(tmp_path / "project", tiny_gpt2, monkeypatch, capsys)
     (tmp_path / "project" / "valid.jsonl").unlink()
     other = tmp_path / "elsewhere"

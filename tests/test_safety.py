@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lora_cli.commands.train import run as run_training
 from lora_cli.errors import ModelError, RunDirError
-from lora_cli.train import run_training
 from tests.helpers import completion_rows, lora_in_process, tiny_recipe, write_jsonl
 
 
@@ -31,7 +31,11 @@ def test_yaml_python_tag_is_rejected_and_never_executed(tmp_path):
     recipe = tmp_path / "evil.yaml"
     recipe.write_text(f'model:\n  name: !!python/object/apply:os.system ["touch {marker}"]\ndata:\n  train: x.jsonl\n')
     proc = subprocess.run(
-        [sys.executable, "-m", "lora_cli", "validate", str(recipe)], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "lora_cli", "validate", str(recipe)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -113,7 +117,9 @@ def test_pickle_only_weights_need_the_opt_in(tiny_gpt2, tmp_path, monkeypatch, c
     assert code == 2
     assert f"{model} has only pickle weights" in err and "model.allow_pickle_weights: true" in err
     # With the explicit opt-in the same directory is accepted.
-    code, out, err = lora_in_process(monkeypatch, capsys, "train", recipe, "--dry-run", "model.allow_pickle_weights=true")
+    code, out, err = lora_in_process(
+        monkeypatch, capsys, "train", recipe, "--dry-run", "model.allow_pickle_weights=true"
+    )
     assert code == 0, err
 
 
@@ -125,8 +131,8 @@ def test_remote_code_is_refused_and_never_imported(tiny_gpt2, tmp_path, monkeypa
     config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
     (model / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelError) as info:
-        from lora_cli.config import recipe_from_dict
-        from lora_cli.model import load_base_model
+        from lora_cli.model.loading import load_base_model
+        from lora_cli.recipe.load import recipe_from_dict
 
         load_base_model(recipe_from_dict({"model": {"name": str(model)}, "data": {"train": "x.jsonl"}}).model)
     assert "asks to run its own Python code (config.json auto_map: evil.py)" in info.value.message

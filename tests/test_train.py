@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lora_cli.commands.train import run as run_training
 from lora_cli.errors import RunDirError
-from lora_cli.train import run_training
 from tests.helpers import chat_rows, completion_rows, read_metrics, tiny_recipe, without_cpu_bf16_repacking, write_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,7 +28,9 @@ def probe_ids(model_dir: Path) -> torch.Tensor:
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.pad_token = tok.eos_token
-    return tok(["Define: fox\nA quick brown animal.", "Define: paris\nThe capital"], return_tensors="pt", padding=True).input_ids
+    return tok(
+        ["Define: fox\nA quick brown animal.", "Define: paris\nThe capital"], return_tensors="pt", padding=True
+    ).input_ids
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -51,9 +53,21 @@ def test_train_learns_saves_and_reloads(arch, quantization, request, tmp_path):
     assert losses[-1] < 0.6 * losses[0], losses
 
     # The run directory holds exactly what the contract says.
-    assert sorted(p.name for p in run.iterdir()) == ["adapter", "checkpoints", "loss.png", "metrics.jsonl", "recipe.yaml", "run.json"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        "adapter",
+        "checkpoints",
+        "loss.png",
+        "metrics.jsonl",
+        "recipe.yaml",
+        "run.json",
+    ]
     adapter_files = {p.name for p in (run / "adapter").iterdir()}
-    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= adapter_files
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    } <= adapter_files
     assert not any(name.endswith((".bin", ".pt", ".pth")) for name in adapter_files)
     assert list((run / "checkpoints").glob("checkpoint-*/adapter_model.safetensors"))
     assert not list((run / "checkpoints").rglob("*.bin")), "no pickled TrainingArguments in checkpoints"
@@ -80,7 +94,10 @@ def test_train_learns_saves_and_reloads(arch, quantization, request, tmp_path):
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
         )
     elif quantization == "8bit":
         from transformers import BitsAndBytesConfig
@@ -111,7 +128,10 @@ def test_existing_run_is_never_overwritten_silently(tiny_gpt2, tmp_path):
     assert "--resume" in info.value.hint and "--overwrite" in info.value.hint
     assert (tmp_path / "run" / "run.json").read_text() == first  # untouched
     run_training(recipe, recipe_path=None, resume=False, overwrite=True)
-    assert json.loads((tmp_path / "run" / "run.json").read_text())["created_at_unix"] != json.loads(first)["created_at_unix"]
+    assert (
+        json.loads((tmp_path / "run" / "run.json").read_text())["created_at_unix"]
+        != json.loads(first)["created_at_unix"]
+    )
 
 
 def test_cli_train_with_overrides(tiny_llama, tmp_path):
@@ -135,10 +155,15 @@ def test_cli_train_with_overrides(tiny_llama, tmp_path):
     memory = json.loads((run / "run.json").read_text())["memory"]
     peak_seen_by_parent = usage.ru_maxrss * 1024
     assert 0.8 * peak_seen_by_parent <= memory["process_peak_rss_bytes"] <= peak_seen_by_parent
-    estimate = subprocess.run([sys.executable, "-m", "lora_cli", "estimate", str(run / "recipe.yaml"), "--json"],
-                              capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    estimate = subprocess.run(
+        [sys.executable, "-m", "lora_cli", "estimate", str(run / "recipe.yaml"), "--json"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert memory["estimate_bytes"] == json.loads(estimate.stdout)["memory"]["lora"]["total"]
-    from lora_cli.estimate import human_bytes
+    from lora_cli.console import human_bytes
 
     peak, estimated = human_bytes(memory["process_peak_rss_bytes"]), human_bytes(memory["estimate_bytes"])
     assert f"peak memory: {peak} (the whole process; estimate {estimated} plus the libraries)" in stdout
@@ -148,25 +173,40 @@ def test_cli_train_with_overrides(tiny_llama, tmp_path):
     assert "r: 2" in saved and "lr: 0.001" in saved and "packing: true" in saved
     # A second run into the same directory is refused with the promised message.
     again = subprocess.run(
-        [sys.executable, "-m", "lora_cli", "train", str(recipe)], capture_output=True, text=True, cwd=tmp_path, timeout=600
+        [sys.executable, "-m", "lora_cli", "train", str(recipe)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
     )
     assert again.returncode == 2
     assert "already exists" in again.stderr and "--overwrite" in again.stderr
     assert "Traceback" not in again.stderr
 
 
-@pytest.mark.skipif(__import__("lora_cli.allocator", fromlist=["x"]).find_tcmalloc() is None, reason="tcmalloc not installed")
+@pytest.mark.skipif(
+    __import__("lora_cli.allocator", fromlist=["x"]).find_tcmalloc() is None, reason="tcmalloc not installed"
+)
 @pytest.mark.parametrize("setting,expected", [(None, "tcmalloc"), ("system", "system")])
 def test_cli_uses_tcmalloc_when_installed(tiny_gpt2, tmp_path, setting, expected):
     import os
 
     data = write_jsonl(tmp_path / "train.jsonl", completion_rows(repeat=1))
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"model:\n  name: {tiny_gpt2}\ndata:\n  train: {data}\n  max_length: 64\ntrain:\n  max_steps: 1\n")
+    recipe.write_text(
+        f"model:\n  name: {tiny_gpt2}\ndata:\n  train: {data}\n  max_length: 64\ntrain:\n  max_steps: 1\n"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("LORA_ALLOCATOR", "LD_PRELOAD")}
     if setting:
         env["LORA_ALLOCATOR"] = setting
-    result = subprocess.run([sys.executable, "-m", "lora_cli", "train", str(recipe)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "lora_cli", "train", str(recipe)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "runs" / "r" / "run.json").read_text())["allocator"] == expected
 
@@ -182,8 +222,9 @@ def _lora_b_max(run: Path) -> float:
 def test_a_one_step_run_learns_despite_the_default_warm_up(tiny_gpt2, tmp_path, train):
     """warmup_ratio 0.03 of 1 step was rounded up to 1 warm-up step at lr 0: an all-zero adapter."""
     data = write_jsonl(tmp_path / "train.jsonl", completion_rows())  # 32 rows: 0.25 epoch = 1 step of 8
-    recipe = tiny_recipe(tiny_gpt2, data, tmp_path / "run",
-                         train={"warmup_ratio": 0.03, "scheduler": "cosine", "log_every": 1, **train})
+    recipe = tiny_recipe(
+        tiny_gpt2, data, tmp_path / "run", train={"warmup_ratio": 0.03, "scheduler": "cosine", "log_every": 1, **train}
+    )
     result = run_training(recipe, recipe_path=None, resume=False, overwrite=False)
     assert result.final["global_step"] == 1
     (step,) = [m for m in read_metrics(tmp_path / "run") if "loss" in m]
@@ -194,23 +235,35 @@ def test_a_one_step_run_learns_despite_the_default_warm_up(tiny_gpt2, tmp_path, 
 def test_constant_scheduler_warms_up_first(tiny_gpt2, tmp_path):
     """`constant` is the schedule after warm-up: warmup_ratio 0.5 of 4 steps is 2 warm-up steps."""
     data = write_jsonl(tmp_path / "train.jsonl", completion_rows())
-    recipe = tiny_recipe(tiny_gpt2, data, tmp_path / "run",
-                         train={"max_steps": 4, "scheduler": "constant", "warmup_ratio": 0.5, "log_every": 1})
+    recipe = tiny_recipe(
+        tiny_gpt2,
+        data,
+        tmp_path / "run",
+        train={"max_steps": 4, "scheduler": "constant", "warmup_ratio": 0.5, "log_every": 1},
+    )
     run_training(recipe, recipe_path=None, resume=False, overwrite=False)
     lrs = [m["learning_rate"] for m in read_metrics(tmp_path / "run") if "loss" in m]
     assert lrs == pytest.approx([0.0, 5e-3, 1e-2, 1e-2])
 
 
-@pytest.mark.parametrize("ratio, steps, expected", [(0.03, 50, 2), (0.03, 10, 0), (0.1, 100, 10), (0.9, 2, 1), (0.5, 1, 0)])
+@pytest.mark.parametrize(
+    "ratio, steps, expected", [(0.03, 50, 2), (0.03, 10, 0), (0.1, 100, 10), (0.9, 2, 1), (0.5, 1, 0)]
+)
 def test_warm_up_steps_round_and_leave_a_step_to_learn(tiny_gpt2, ratio, steps, expected):
     """The rule LoraTrainer.create_scheduler applies (the Trainer's ceil would give 1, 1, 10, 2, 1)."""
     from transformers import AutoModelForCausalLM, TrainingArguments
 
-    from lora_cli.train import make_trainer_class
+    from lora_cli.training.trainer import LoraTrainer
 
-    args = TrainingArguments(output_dir="unused", warmup_steps=ratio, lr_scheduler_type="linear", learning_rate=1.0,
-                             report_to="none", use_cpu=True)
-    trainer = make_trainer_class()(model=AutoModelForCausalLM.from_pretrained(tiny_gpt2), args=args)
+    args = TrainingArguments(
+        output_dir="unused",
+        warmup_steps=ratio,
+        lr_scheduler_type="linear",
+        learning_rate=1.0,
+        report_to="none",
+        use_cpu=True,
+    )
+    trainer = LoraTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_gpt2), args=args)
     trainer.create_optimizer()
     trainer.create_scheduler(steps)
     lrs = []
@@ -231,8 +284,10 @@ def test_max_length_past_learned_positions_is_a_recipe_error(tiny_gpt2, tmp_path
     rows = completion_rows() + [{"prompt": "Define: long\n", "completion": "fox " * 300}]
     data = write_jsonl(tmp_path / "train.jsonl", rows)
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"model: {{name: {tiny_gpt2}}}\ndata: {{train: {data}}}\ntrain: {{max_steps: 2, batch_size: 4}}\n"
-                      f"output_dir: {tmp_path / 'run'}\n")
+    recipe.write_text(
+        f"model: {{name: {tiny_gpt2}}}\ndata: {{train: {data}}}\ntrain: {{max_steps: 2, batch_size: 4}}\n"
+        f"output_dir: {tmp_path / 'run'}\n"
+    )
     code, out, err = lora_in_process(monkeypatch, capsys, "train", recipe, "data.max_length=1000")
     assert code == 2, err
     assert "data.max_length: 1000 is beyond the model's context of 256 tokens (n_positions)" in err
@@ -245,9 +300,13 @@ def test_max_length_past_a_rope_models_context_is_a_warning(tiny_llama, tmp_path
 
     data = write_jsonl(tmp_path / "train.jsonl", completion_rows())
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"model: {{name: {tiny_llama}}}\ndata: {{train: {data}, max_length: 300}}\n"
-                      f"train: {{max_steps: 2, batch_size: 4}}\noutput_dir: {tmp_path / 'run'}\n")
+    recipe.write_text(
+        f"model: {{name: {tiny_llama}}}\ndata: {{train: {data}, max_length: 300}}\n"
+        f"train: {{max_steps: 2, batch_size: 4}}\noutput_dir: {tmp_path / 'run'}\n"
+    )
     code, out, err = lora_in_process(monkeypatch, capsys, "train", recipe)
     assert code == 0, err
-    assert ("warning: data.max_length 300 is beyond the model's context of 256 tokens (max_position_embeddings): "
-            "positions past it were never trained. Fix: data.max_length=256 or less") in out
+    assert (
+        "warning: data.max_length 300 is beyond the model's context of 256 tokens (max_position_embeddings): "
+        "positions past it were never trained. Fix: data.max_length=256 or less"
+    ) in out

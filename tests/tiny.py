@@ -56,7 +56,9 @@ def train_tokenizer(vocab_size: int = 300, chat_template: str | None = None):
     return fast
 
 
-def build_tiny_model(directory: str | Path, arch: str = "gpt2", seed: int = 0, chat_template: bool | None = None) -> Path:
+def build_tiny_model(
+    directory: str | Path, arch: str = "gpt2", seed: int = 0, chat_template: bool | None = None
+) -> Path:
     """Build a random 2-layer `arch` ('gpt2' | 'llama') model + tokenizer and save it to `directory`.
 
     The Llama tokenizer has a ChatML chat template; the GPT-2 one has none unless
@@ -72,8 +74,13 @@ def build_tiny_model(directory: str | Path, arch: str = "gpt2", seed: int = 0, c
     if arch == "gpt2":
         tokenizer = train_tokenizer(chat_template=CHATML_TEMPLATE if chat_template else None)
         config = GPT2Config(
-            vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=256,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            vocab_size=len(tokenizer),
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=256,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
             initializer_range=INIT_RANGE,
         )
         model = GPT2LMHeadModel(config)
@@ -82,10 +89,17 @@ def build_tiny_model(directory: str | Path, arch: str = "gpt2", seed: int = 0, c
         # Like SmolLM2: the end-of-turn token is the EOS, so a chat model learns to stop.
         tokenizer.eos_token = "<|im_end|>"
         config = LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            tie_word_embeddings=False, initializer_range=INIT_RANGE,
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            tie_word_embeddings=False,
+            initializer_range=INIT_RANGE,
         )
         model = LlamaForCausalLM(config)
     else:

@@ -27,8 +27,8 @@ def worker(steps: int) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lora_cli.config import ModelConfig
-    from lora_cli.model import resolve_model_source
+    from lora_cli.model.sources import resolve_model_source
+    from lora_cli.recipe.schema import ModelConfig
 
     torch.set_num_threads(2)
     source = resolve_model_source(ModelConfig(name="smollm2-135m-instruct"))
@@ -78,7 +78,10 @@ def main() -> None:
     base = results["glibc"]
     base_tps = sum(r["tokens_per_s"] for r in base) / len(base)
     base_rss = max(r["peak_rss_gb"] for r in base)
-    print(f"{'allocator':10} {'tokens/s':>9} {'ratio':>6} {'peak RSS GB':>12} {'ratio':>6}   (machine: {os.cpu_count()} cores)")
+    print(
+        f"{'allocator':10} {'tokens/s':>9} {'ratio':>6} {'peak RSS GB':>12} {'ratio':>6}   "
+        f"(machine: {os.cpu_count()} cores)"
+    )
     for name, runs in results.items():
         tps = sum(r["tokens_per_s"] for r in runs) / len(runs)
         rss = max(r["peak_rss_gb"] for r in runs)

@@ -52,8 +52,8 @@ def write_model_shape(target: Path) -> None:
     """SmolLM2-135M-Instruct's config and tokenizer, from the converted embedded model."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from lora_cli.config import ModelConfig
-    from lora_cli.model import resolve_model_source
+    from lora_cli.model.sources import resolve_model_source
+    from lora_cli.recipe.schema import ModelConfig
 
     source = resolve_model_source(ModelConfig(name="smollm2-135m-instruct"))
     AutoConfig.from_pretrained(source.location).save_pretrained(target)
@@ -66,9 +66,13 @@ def main() -> None:
     write_model_shape(kit / "smollm2")
     kit_bytes = sum(f.stat().st_size for f in kit.rglob("*") if f.is_file())
     tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
-    tree_bytes = sum((ROOT / name.decode()).stat().st_size for name in tracked if name and (ROOT / name.decode()).is_file())
-    print(f"{kit}: {kit_bytes / 2**20:.1f} MiB; with the tracked files {(kit_bytes + tree_bytes) / 2**20:.1f} MiB "
-          f"of the {CARRY_LIMIT / 2**20:.0f} MiB a device call carries")
+    tree_bytes = sum(
+        (ROOT / name.decode()).stat().st_size for name in tracked if name and (ROOT / name.decode()).is_file()
+    )
+    print(
+        f"{kit}: {kit_bytes / 2**20:.1f} MiB; with the tracked files {(kit_bytes + tree_bytes) / 2**20:.1f} MiB "
+        f"of the {CARRY_LIMIT / 2**20:.0f} MiB a device call carries"
+    )
     if kit_bytes + tree_bytes > CARRY_LIMIT:
         raise SystemExit("too large to carry: drop the transformers / peft wheels (the machine has its own versions)")
 

@@ -61,7 +61,9 @@ def worker(variant: str, run: Path, model: str, new_tokens: int) -> None:
     net.to(device).eval()
     load_seconds = time.perf_counter() - loaded
     ids = tokenizer(PROMPT, return_tensors="pt").to(device)
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    kwargs = dict(
+        max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id
+    )
     with torch.inference_mode():
         net.generate(**ids, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
         times = []
@@ -87,8 +89,8 @@ def run(argv: list[str], env: dict) -> tuple[str, float]:
 def make_run(env: dict, dtype: str, model_config: Path | None) -> tuple[Path, str]:
     import yaml
 
-    from lora_cli.config import ModelConfig
-    from lora_cli.model import resolve_model_source
+    from lora_cli.model.sources import resolve_model_source
+    from lora_cli.recipe.schema import ModelConfig
 
     if model_config is not None:
         from models import random_model
@@ -99,13 +101,23 @@ def make_run(env: dict, dtype: str, model_config: Path | None) -> tuple[Path, st
     out = WORK / "inference-run"
     recipe = WORK / "inference-recipe.yaml"
     recipe.parent.mkdir(parents=True, exist_ok=True)
-    recipe.write_text(yaml.safe_dump({
-        "model": {"name": str(model) if model_config else "smollm2-135m-instruct", "dtype": dtype},
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
-        "data": {"train": "data/devils-dictionary/train.jsonl", "format": "chat", "max_length": 160, "packing": True},
-        "train": {"max_steps": 2, "batch_size": 2, "lr": 1e-3, "log_every": 1},
-        "output_dir": str(out),
-    }, sort_keys=False))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name": str(model) if model_config else "smollm2-135m-instruct", "dtype": dtype},
+                "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+                "data": {
+                    "train": "data/devils-dictionary/train.jsonl",
+                    "format": "chat",
+                    "max_length": 160,
+                    "packing": True,
+                },
+                "train": {"max_steps": 2, "batch_size": 2, "lr": 1e-3, "log_every": 1},
+                "output_dir": str(out),
+            },
+            sort_keys=False,
+        )
+    )
     run(lora_command("train", str(recipe), "--overwrite"), env)
     return out, str(model)
 
@@ -116,8 +128,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="auto", help="the run's model.dtype (default: ours, auto)")
     parser.add_argument("--out", type=Path, default=WORK / "inference.json")
-    parser.add_argument("--model-config", type=Path,
-                        help="a directory with config.json and a tokenizer: random weights of that shape instead of SmolLM2's")
+    parser.add_argument(
+        "--model-config",
+        type=Path,
+        help="a directory with config.json and a tokenizer: random weights of that shape instead of SmolLM2's",
+    )
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -137,18 +152,40 @@ def main() -> None:
     results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for _ in range(args.repeats):
         for variant in VARIANTS:
-            argv = [sys.executable, __file__, "--new-tokens", str(args.new_tokens), "--worker", variant, str(run_dir), model]
+            argv = [
+                sys.executable,
+                __file__,
+                "--new-tokens",
+                str(args.new_tokens),
+                "--worker",
+                variant,
+                str(run_dir),
+                model,
+            ]
             out, _ = run(argv, env)
             results[variant].append(json.loads(out.strip().splitlines()[-1]))
     base = statistics.median(r["tokens_per_s"] for r in results["base"])
     summary = {}
-    print(f"\n{'variant':8} {'tokens/s':>9} {'x base':>7}   (SmolLM2-135M in {dtype}, greedy, {args.new_tokens} new tokens, {THREADS} threads)")
+    print(
+        f"\n{'variant':8} {'tokens/s':>9} {'x base':>7}   "
+        f"(SmolLM2-135M in {dtype}, greedy, {args.new_tokens} new tokens, {THREADS} threads)"
+    )
     for variant, runs in results.items():
         tps = statistics.median(r["tokens_per_s"] for r in runs)
-        summary[variant] = {"tokens_per_s": tps, "ratio": tps / base, "all": [round(r["tokens_per_s"], 1) for r in runs]}
+        summary[variant] = {
+            "tokens_per_s": tps,
+            "ratio": tps / base,
+            "all": [round(r["tokens_per_s"], 1) for r in runs],
+        }
         print(f"{variant:8} {tps:9.1f} {tps / base:7.2f}")
-    report = {"help_seconds": statistics.median(help_times), "merge_seconds": merge_seconds, "generation": summary,
-              "dtype": dtype, "cores": os.cpu_count(), "threads": THREADS}
+    report = {
+        "help_seconds": statistics.median(help_times),
+        "merge_seconds": merge_seconds,
+        "generation": summary,
+        "dtype": dtype,
+        "cores": os.cpu_count(),
+        "threads": THREADS,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     print(f"written to {args.out}")

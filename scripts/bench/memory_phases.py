@@ -40,11 +40,11 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/lora-memory-phases")
     args = parser.parse_args()
 
-    import lora_cli.model
-    import lora_cli.train
-    from lora_cli.config import load_recipe
+    import lora_cli.commands.train
+    from lora_cli.console import quiet_libraries
+    from lora_cli.recipe.load import load_recipe
 
-    lora_cli.train.quiet_libraries()
+    quiet_libraries()
     import peft  # noqa: F401  everything training imports, so the baseline includes it
     import torch
 
@@ -56,7 +56,8 @@ def main() -> None:
             peaks[phase[0]] = max(peaks.get(phase[0], 0), rss())
             time.sleep(0.002)
 
-    load_base_model, make_trainer_class = lora_cli.model.load_base_model, lora_cli.train.make_trainer_class
+    train = lora_cli.commands.train
+    load_base_model = train.load_base_model
 
     def loading(*a, **k):
         phase[0] = "loading"
@@ -64,24 +65,21 @@ def main() -> None:
         phase[0] = "attaching LoRA"
         return model
 
-    def trainer_class():
-        class PhaseTrainer(make_trainer_class()):
-            def training_step(self, *a, **k):
-                phase[0] = f"step {self.state.global_step + 1}"
-                return super().training_step(*a, **k)
+    class PhaseTrainer(train.LoraTrainer):
+        def training_step(self, *a, **k):
+            phase[0] = f"step {self.state.global_step + 1}"
+            return super().training_step(*a, **k)
 
-            def train(self, *a, **k):
-                result = super().train(*a, **k)
-                phase[0] = "saving"  # the adapter, the model card, the loss plot
-                return result
+        def train(self, *a, **k):
+            result = super().train(*a, **k)
+            phase[0] = "saving"  # the adapter, the model card, the loss plot
+            return result
 
-        return PhaseTrainer
-
-    lora_cli.model.load_base_model, lora_cli.train.make_trainer_class = loading, trainer_class
+    train.load_base_model, train.LoraTrainer = loading, PhaseTrainer
     recipe = dataclasses.replace(load_recipe(args.recipe), output_dir=args.out)
     shutil.rmtree(args.out, ignore_errors=True)
     threading.Thread(target=sample, daemon=True).start()
-    lora_cli.train.run_training(recipe, recipe_path=args.recipe, resume=False, overwrite=False)
+    train.run(recipe, recipe_path=args.recipe, resume=False, overwrite=False)
     done.set()
     result = {name: round((peak - baseline) / 2**20) for name, peak in peaks.items()}
     print(json.dumps({"ld_preload": os.environ.get("LD_PRELOAD", ""), "mb_above_imports": result}))

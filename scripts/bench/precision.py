@@ -68,8 +68,8 @@ def worker(candidate: str, steps: int, warmup: int) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lora_cli.config import ModelConfig
-    from lora_cli.model import resolve_model_source
+    from lora_cli.model.sources import resolve_model_source
+    from lora_cli.recipe.schema import ModelConfig
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -110,7 +110,6 @@ def worker_matmul() -> None:
     """GFLOP/s of one matmul per dtype, 2 threads: a square 1024 product, and the shape of
     SmolLM2-135M's MLP up-projection on a 4 x 160-token batch (640 x 576 @ 576 x 1536)."""
     import torch
-
     from matmul import best_matmul_flops
 
     torch.set_num_threads(2)
@@ -140,29 +139,49 @@ def main() -> None:
 
     candidates = args.candidates.split(",")
     env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([sys.executable, __file__, "--worker", "matmul"], capture_output=True, text=True, env=env, check=True)
+    done = subprocess.run([sys.executable, __file__, "--worker", "matmul"], capture_output=True, text=True, env=env,
+                          check=True)
     matmul = json.loads(done.stdout.strip().splitlines()[-1])
-    print("matmul GFLOP/s, 2 threads: " + ", ".join(f"{k.removesuffix('_gflops')} {v}" for k, v in matmul.items()), flush=True)
+    print(
+        "matmul GFLOP/s, 2 threads: " + ", ".join(f"{k.removesuffix('_gflops')} {v}" for k, v in matmul.items()),
+        flush=True,
+    )
     results: dict[str, list[dict]] = {c: [] for c in candidates}
     for repeat in range(args.repeats):
         for candidate in candidates:
             done = subprocess.run(
-                [sys.executable, __file__, "--worker", candidate, "--steps", str(args.steps), "--warmup", str(args.warmup)],
-                capture_output=True, text=True, env=env,
+                [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    candidate,
+                    "--steps",
+                    str(args.steps),
+                    "--warmup",
+                    str(args.warmup),
+                ],
+                capture_output=True,
+                text=True,
+                env=env,
             )
             if done.returncode != 0:
                 print(f"{candidate} #{repeat + 1} failed:\n{done.stderr[-3000:]}")
                 continue
             result = json.loads(done.stdout.strip().splitlines()[-1])
             results[candidate].append(result)
-            print(f"{candidate} #{repeat + 1}: {result['tokens_per_s']:.0f} tok/s, warm after {result['warm_s']:.1f} s, "
-                  f"{result['peak_rss_gb']:.2f} GB")
+            print(
+                f"{candidate} #{repeat + 1}: {result['tokens_per_s']:.0f} tok/s, warm after {result['warm_s']:.1f} s, "
+                f"{result['peak_rss_gb']:.2f} GB"
+            )
 
     reference = results.get("fp32") or []
     base_speed = statistics.median(r["tokens_per_s"] for r in reference) if reference else None
     base_losses = reference[0]["losses"] if reference else None
     summary = {}
-    print(f"\nSmolLM2-135M, LoRA r16, {BATCH} x {LENGTH} tokens per step, 2 threads, {platform.processor() or platform.machine()}")
+    print(
+        f"\nSmolLM2-135M, LoRA r16, {BATCH} x {LENGTH} tokens per step, 2 threads, "
+        f"{platform.processor() or platform.machine()}"
+    )
     print(f"{'candidate':<15} {'tok/s':>7} {'x fp32':>7} {'warm s':>7} {'RSS GB':>7} {'max |loss - fp32|':>18}")
     for candidate, runs in results.items():
         if not runs:
@@ -170,17 +189,31 @@ def main() -> None:
         speed = statistics.median(r["tokens_per_s"] for r in runs)
         loss_gap = max(abs(a - b) for a, b in zip(runs[0]["losses"], base_losses)) if base_losses else None
         summary[candidate] = {
-            "tokens_per_s": speed, "x_fp32": speed / base_speed if base_speed else None,
-            "warm_s": statistics.median(r["warm_s"] for r in runs), "peak_rss_gb": max(r["peak_rss_gb"] for r in runs),
-            "max_loss_gap": loss_gap, "losses": runs[0]["losses"],
+            "tokens_per_s": speed,
+            "x_fp32": speed / base_speed if base_speed else None,
+            "warm_s": statistics.median(r["warm_s"] for r in runs),
+            "peak_rss_gb": max(r["peak_rss_gb"] for r in runs),
+            "max_loss_gap": loss_gap,
+            "losses": runs[0]["losses"],
         }
         s = summary[candidate]
-        print(f"{candidate:<15} {speed:>7.0f} {s['x_fp32'] or 0:>7.2f} {s['warm_s']:>7.1f} {s['peak_rss_gb']:>7.2f} "
-              f"{loss_gap if loss_gap is not None else float('nan'):>18.4f}")
+        print(
+            f"{candidate:<15} {speed:>7.0f} {s['x_fp32'] or 0:>7.2f} {s['warm_s']:>7.1f} {s['peak_rss_gb']:>7.2f} "
+            f"{loss_gap if loss_gap is not None else float('nan'):>18.4f}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": {"cpu": platform.processor() or platform.machine(), "threads": 2},
-                                    "matmul": matmul,
-                                    "steps": args.steps, "warmup": args.warmup, "summary": summary}, indent=1))
+    args.out.write_text(
+        json.dumps(
+            {
+                "machine": {"cpu": platform.processor() or platform.machine(), "threads": 2},
+                "matmul": matmul,
+                "steps": args.steps,
+                "warmup": args.warmup,
+                "summary": summary,
+            },
+            indent=1,
+        )
+    )
     print(f"\nwritten to {args.out}")
 
 

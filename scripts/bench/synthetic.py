@@ -57,7 +57,9 @@ def generate(profile: str, n: int, seed: int = 0) -> list[dict]:
         task = rng.choice(sorted(TASKS) if profile == "flan" else ["copy", "reverse", "sort"])
         instruction, answer = TASKS[task]
         words = [rng.choice(pool) for _ in range(_length(profile, rng))]
-        rows.append({"prompt": f"{instruction} {' '.join(words)}\nAnswer:", "completion": " " + " ".join(answer(words))})
+        rows.append(
+            {"prompt": f"{instruction} {' '.join(words)}\nAnswer:", "completion": " " + " ".join(answer(words))}
+        )
     return rows
 
 

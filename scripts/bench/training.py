@@ -83,8 +83,8 @@ PROFILES = {
 
 
 def smollm2_dir() -> Path:
-    from lora_cli.config import ModelConfig
-    from lora_cli.model import resolve_model_source
+    from lora_cli.model.sources import resolve_model_source
+    from lora_cli.recipe.schema import ModelConfig
 
     return Path(resolve_model_source(ModelConfig(name="smollm2-135m-instruct")).location)
 
@@ -148,8 +148,14 @@ def worker_tutorial(spec: dict) -> None:
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
-                              TrainerCallback, TrainingArguments)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     torch.set_num_threads(THREADS)
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
@@ -174,19 +180,37 @@ def worker_tutorial(spec: dict) -> None:
     class StepLog(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
-                log.write(json.dumps({"step": state.global_step, "loss": logs["loss"], "time": time.time(), **counts}) + "\n")
+                row = {"step": state.global_step, "loss": logs["loss"], "time": time.time(), **counts}
+                log.write(json.dumps(row) + "\n")
                 log.flush()
 
     args = TrainingArguments(
-        output_dir=spec["out"], per_device_train_batch_size=spec["batch"], num_train_epochs=1,
-        max_steps=spec["steps"], learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0,
-        logging_steps=1, save_strategy="no", report_to="none", seed=SEED, data_seed=SEED,
-        train_sampling_strategy="group_by_length" if spec["group_by_length"] else "random", use_cpu=not torch.cuda.is_available(), disable_tqdm=True, dataloader_num_workers=0,
+        output_dir=spec["out"],
+        per_device_train_batch_size=spec["batch"],
+        num_train_epochs=1,
+        max_steps=spec["steps"],
+        learning_rate=LR,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=SEED,
+        data_seed=SEED,
+        train_sampling_strategy="group_by_length" if spec["group_by_length"] else "random",
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=True,
+        dataloader_num_workers=0,
         # on a GPU a tutorial turns on bf16 mixed precision (not yet run on one: no GPU lent so far)
         bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
     )
-    trainer = CountingTrainer(model=model, args=args, train_dataset=dataset,
-                              data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest"), callbacks=[StepLog()])
+    trainer = CountingTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest"),
+        callbacks=[StepLog()],
+    )
     trainer.train()
     model.save_pretrained(Path(spec["out"]) / "adapter")
     if torch.cuda.is_available():
@@ -209,10 +233,18 @@ def ours_recipe(spec: dict, quantization: str, dtype: str) -> dict:
         "model": {"name": spec["model"], "dtype": dtype, "quantization": quantization},
         "lora": {**LORA, "target_modules": "all-linear"},
         "data": {"train": spec["train"], "format": "completion", "max_length": spec["max_length"], "packing": True},
-        "train": {"epochs": 1, "max_steps": spec["steps"], "batch_size": spec["batch"], "lr": LR,
-                  "scheduler": "linear", "warmup_ratio": 0.0, "log_every": 1, "seed": SEED,
-                  # QLoRA is for memory: run it as QLoRA recipes do (configs/smollm2-chat-qlora.yaml)
-                  "gradient_checkpointing": quantization == "4bit"},
+        "train": {
+            "epochs": 1,
+            "max_steps": spec["steps"],
+            "batch_size": spec["batch"],
+            "lr": LR,
+            "scheduler": "linear",
+            "warmup_ratio": 0.0,
+            "log_every": 1,
+            "seed": SEED,
+            # QLoRA is for memory: run it as QLoRA recipes do (configs/smollm2-chat-qlora.yaml)
+            "gradient_checkpointing": quantization == "4bit",
+        },
         "output_dir": spec["out"],
     }
 
@@ -227,8 +259,12 @@ def worker_heldout(spec: dict) -> None:
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     kwargs = {}
     if spec["quantization"] == "4bit":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
     base = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32, **kwargs)
     if torch.cuda.is_available() and not kwargs:
         base = base.cuda()  # (a 4-bit base is placed on the GPU by bitsandbytes)
@@ -237,7 +273,10 @@ def worker_heldout(spec: dict) -> None:
     with torch.no_grad():
         for line in Path(spec["heldout"]).read_text().splitlines():
             ex = tokenize_tutorial(tokenizer, json.loads(line), spec["max_length"])
-            ids, labels = torch.tensor([ex["input_ids"]], device=base.device), torch.tensor([ex["labels"]], device=base.device)
+            ids, labels = (
+                torch.tensor([ex["input_ids"]], device=base.device),
+                torch.tensor([ex["labels"]], device=base.device),
+            )
             logits = model(input_ids=ids).logits[0, :-1].float()
             total += float(torch.nn.functional.cross_entropy(logits, labels[0, 1:], ignore_index=-100, reduction="sum"))
             count += int((labels[0, 1:] != -100).sum())
@@ -252,18 +291,24 @@ def worker_import_baseline() -> None:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    import lora_cli.train  # noqa: F401
+    import lora_cli.commands.train  # noqa: F401
 
 
 def worker_matmul_peak() -> None:
     """The MFU yardstick: the 2-thread float32 matmul peak on a CPU, the bfloat16 one on a GPU."""
     import torch
-
     from matmul import best_cuda_matmul_flops, best_matmul_flops
 
     if torch.cuda.is_available():
-        print(json.dumps({"matmul_flops": best_cuda_matmul_flops(8192), "matmul": "GPU bf16 8192^3",
-                          "gpu": torch.cuda.get_device_name()}))
+        print(
+            json.dumps(
+                {
+                    "matmul_flops": best_cuda_matmul_flops(8192),
+                    "matmul": "GPU bf16 8192^3",
+                    "gpu": torch.cuda.get_device_name(),
+                }
+            )
+        )
         return
     torch.set_num_threads(THREADS)
     print(json.dumps({"matmul_flops": best_matmul_flops(1024, 1024, 1024, window=0.4), "matmul": "CPU fp32 1024^3"}))
@@ -280,10 +325,16 @@ def worker_flops_per_token(spec: dict) -> None:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     frozen = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules="all-linear", task_type="CAUSAL_LM")
+    )
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     attention = 6 * config.num_hidden_layers * config.hidden_size * spec["mean_length"]
-    print(json.dumps({"flops_per_token": 4 * (frozen - 0) + 6 * lora + attention, "n_frozen_matmul": frozen, "n_lora": lora}))
+    print(
+        json.dumps(
+            {"flops_per_token": 4 * (frozen - 0) + 6 * lora + attention, "n_frozen_matmul": frozen, "n_lora": lora}
+        )
+    )
 
 
 # --------------------------------------------------------------------------- the parent
@@ -334,7 +385,7 @@ def step_stats(lines: list[dict], launched: float) -> dict:
     last = lines[-1]
     seconds = last["time"] - warm["time"]
     steps = last["step"] - warm["step"]
-    quarter = lines[-max(1, len(lines) // 4):]
+    quarter = lines[-max(1, len(lines) // 4) :]
     out = {
         "steps": last["step"],
         "supervised_tokens_per_s": (last["supervised_tokens"] - warm["supervised_tokens"]) / seconds,
@@ -357,7 +408,13 @@ def run_candidate(name: str, profile: str, model: Path, files: dict, env: dict, 
     out = WORK / "runs" / f"{profile}-{name}-{index}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    spec = {"model": str(model), "train": str(files["train"]), "max_length": p["max_length"], "out": str(out), "steps": p["steps"]}
+    spec = {
+        "model": str(model),
+        "train": str(files["train"]),
+        "max_length": p["max_length"],
+        "out": str(out),
+        "steps": p["steps"],
+    }
     if name in ("B0", "B1"):
         spec.update(batch=p["batch"], group_by_length=name == "B1", log=str(out / "steps.jsonl"))
         printed, rss, launched = run_child(self_worker("tutorial", spec), env, out / "stderr.log")
@@ -387,9 +444,9 @@ def run_candidate(name: str, profile: str, model: Path, files: dict, env: dict, 
 def prepare_profile(profile: str) -> tuple[Path, dict]:
     from transformers import AutoTokenizer
 
-    from lora_cli.config import DataConfig
-    from lora_cli.data import prepare_data
-    from lora_cli.train import quiet_libraries
+    from lora_cli.console import quiet_libraries
+    from lora_cli.data.prepare import prepare_data
+    from lora_cli.recipe.schema import DataConfig
 
     quiet_libraries()
     import synthetic
@@ -397,12 +454,17 @@ def prepare_profile(profile: str) -> tuple[Path, dict]:
     p = PROFILES[profile]
     model = model_for(profile)
     train_rows, heldout_rows = rows_for(profile)
-    files = {"train": synthetic.write_jsonl(train_rows, WORK / "data" / f"{profile}-train.jsonl"),
-             "heldout": synthetic.write_jsonl(heldout_rows, WORK / "data" / f"{profile}-heldout.jsonl")}
+    files = {
+        "train": synthetic.write_jsonl(train_rows, WORK / "data" / f"{profile}-train.jsonl"),
+        "heldout": synthetic.write_jsonl(heldout_rows, WORK / "data" / f"{profile}-heldout.jsonl"),
+    }
     tokenizer = AutoTokenizer.from_pretrained(model)
     # Same examples for ours: one epoch over the packed rows in about the same number of steps.
-    packed = prepare_data(DataConfig(train=str(files["train"]), format="completion", max_length=p["max_length"], packing=True),
-                          tokenizer, seed=SEED)
+    packed = prepare_data(
+        DataConfig(train=str(files["train"]), format="completion", max_length=p["max_length"], packing=True),
+        tokenizer,
+        seed=SEED,
+    )
     rows = len(packed.train)
     # The packed-row batch whose number of steps is closest to B0's: about the same examples per
     # optimizer step (a packed row holds a varying number of examples).
@@ -428,17 +490,23 @@ def print_table(profile: str, summary: dict, peak: float) -> None:
     b0 = summary["B0"]
     gpu = "peak_gpu_gb" in b0  # on a GPU: its memory, the one that limits what fits
     print(f"\n== {profile} ==  (ratios against B0; medians of the repeats; peak memory: max)")
-    header = (f"{'candidate':15} {'sup tok/s':>9} {'x B0':>5} {'tok/s':>7} {'x B0':>5} {'pad':>5} {'s/step':>6} {'RSS GB':>6} {'x B0':>5} "
-              + (f"{'GPU GB':>6} {'x B0':>5} " if gpu else "")
-              + f"{'1st step s':>10} {'adapter MB':>10} {'train loss':>10} {'held-out':>8} {'MFU':>5}")
+    header = (
+        f"{'candidate':15} {'sup tok/s':>9} {'x B0':>5} {'tok/s':>7} {'x B0':>5} {'pad':>5} {'s/step':>6} "
+        f"{'RSS GB':>6} {'x B0':>5} "
+        + (f"{'GPU GB':>6} {'x B0':>5} " if gpu else "")
+        + f"{'1st step s':>10} {'adapter MB':>10} {'train loss':>10} {'held-out':>8} {'MFU':>5}"
+    )
     print(header)
     for name, s in summary.items():
-        print(f"{name:15} {s['supervised_tokens_per_s']:9.1f} {s['supervised_tokens_per_s'] / b0['supervised_tokens_per_s']:5.2f} "
-              f"{s['tokens_per_s']:7.1f} {s['tokens_per_s'] / b0['tokens_per_s']:5.2f} {s.get('padding', 0):5.1%} "
-              f"{s['seconds_per_step']:6.2f} {s['peak_rss_gb']:6.2f} {s['peak_rss_gb'] / b0['peak_rss_gb']:5.2f} "
-              + (f"{s['peak_gpu_gb']:6.2f} {s['peak_gpu_gb'] / b0['peak_gpu_gb']:5.2f} " if gpu else "")
-              + f"{s['time_to_first_step_s']:10.1f} {s['adapter_mb']:10.1f} {s['train_loss_last_quarter']:10.3f} "
-              f"{s.get('heldout_loss', float('nan')):8.3f} {s['achieved_flops'] / peak:5.1%}")
+        print(
+            f"{name:15} {s['supervised_tokens_per_s']:9.1f} "
+            f"{s['supervised_tokens_per_s'] / b0['supervised_tokens_per_s']:5.2f} "
+            f"{s['tokens_per_s']:7.1f} {s['tokens_per_s'] / b0['tokens_per_s']:5.2f} {s.get('padding', 0):5.1%} "
+            f"{s['seconds_per_step']:6.2f} {s['peak_rss_gb']:6.2f} {s['peak_rss_gb'] / b0['peak_rss_gb']:5.2f} "
+            + (f"{s['peak_gpu_gb']:6.2f} {s['peak_gpu_gb'] / b0['peak_gpu_gb']:5.2f} " if gpu else "")
+            + f"{s['time_to_first_step_s']:10.1f} {s['adapter_mb']:10.1f} {s['train_loss_last_quarter']:10.3f} "
+            f"{s.get('heldout_loss', float('nan')):8.3f} {s['achieved_flops'] / peak:5.1%}"
+        )
 
 
 def compare_estimates(profile: str, summary: dict, imports_gb: float, env: dict) -> None:
@@ -454,8 +522,10 @@ def compare_estimates(profile: str, summary: dict, imports_gb: float, env: dict)
             measured = s["peak_rss_gb"] - imports_gb
             how = f"peak RSS {s['peak_rss_gb']:.2f} minus {imports_gb:.2f} GB of imported libraries"
         s["estimate_error"] = s["estimate_gb"] / measured - 1
-        print(f"  {profile}, lora estimate for {name}: {s['estimate_gb']:.2f} GB vs measured {measured:.2f} GB "
-              f"({how}): {s['estimate_error']:+.0%}")
+        print(
+            f"  {profile}, lora estimate for {name}: {s['estimate_gb']:.2f} GB vs measured {measured:.2f} GB "
+            f"({how}): {s['estimate_error']:+.0%}"
+        )
 
 
 def main() -> None:
@@ -464,21 +534,38 @@ def main() -> None:
     parser.add_argument("--candidates", default=",".join(CANDIDATES))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=WORK / "training.json")
-    parser.add_argument("--model-config", type=Path,
-                        help="a directory with config.json and a tokenizer: random weights of that shape instead of SmolLM2's")
-    parser.add_argument("--reestimate", action="store_true",
-                        help="only redo the `lora estimate` comparison of an existing --out result (after changing the estimator)")
+    parser.add_argument(
+        "--model-config",
+        type=Path,
+        help="a directory with config.json and a tokenizer: random weights of that shape instead of SmolLM2's",
+    )
+    parser.add_argument(
+        "--reestimate",
+        action="store_true",
+        help="only redo the `lora estimate` comparison of an existing --out result (after changing the estimator)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         spec = json.loads(args.spec or "{}")
-        {"tutorial": worker_tutorial, "heldout": worker_heldout, "flops": worker_flops_per_token,
-         "matmul": lambda _: worker_matmul_peak(), "imports": lambda _: worker_import_baseline()}[args.worker](spec)
+        {
+            "tutorial": worker_tutorial,
+            "heldout": worker_heldout,
+            "flops": worker_flops_per_token,
+            "matmul": lambda _: worker_matmul_peak(),
+            "imports": lambda _: worker_import_baseline(),
+        }[args.worker](spec)
         return
 
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(THREADS),
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "PYTHONWARNINGS": "ignore",
+    }
     if args.reestimate:
         report = json.loads(args.out.read_text())
         for profile, result in report["profiles"].items():
@@ -495,36 +582,61 @@ def main() -> None:
 
     tcmalloc = find_tcmalloc()
     imports_gb = run_child(self_worker("imports"), {**env, "LD_PRELOAD": tcmalloc} if tcmalloc else env)[1]
-    machine = {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": THREADS, "platform": platform.platform(),
-               "gpu": matmul.get("gpu"), "matmul": matmul["matmul"], "matmul_peak_gflops": round(peak / 1e9, 1),
-               "imports_rss_gb": round(imports_gb, 3),
-               "weights": f"random, shaped by {MODEL_CONFIG}" if MODEL_CONFIG else "SmolLM2-135M-Instruct (pretrained)"}
-    print(f"machine: {machine['cpu']}, {machine['cores']} cores, {THREADS} threads"
-          + (f", {machine['gpu']}" if machine["gpu"] else "") + f"; {matmul['matmul']} matmul peak {peak / 1e9:.1f} GFLOP/s")
+    machine = {
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "threads": THREADS,
+        "platform": platform.platform(),
+        "gpu": matmul.get("gpu"),
+        "matmul": matmul["matmul"],
+        "matmul_peak_gflops": round(peak / 1e9, 1),
+        "imports_rss_gb": round(imports_gb, 3),
+        "weights": f"random, shaped by {MODEL_CONFIG}" if MODEL_CONFIG else "SmolLM2-135M-Instruct (pretrained)",
+    }
+    print(
+        f"machine: {machine['cpu']}, {machine['cores']} cores, {THREADS} threads"
+        + (f", {machine['gpu']}" if machine["gpu"] else "")
+        + f"; {matmul['matmul']} matmul peak {peak / 1e9:.1f} GFLOP/s"
+    )
     report = {"machine": machine, "profiles": {}}
     for profile in args.profiles.split(","):
         model, files = prepare_profile(profile)
         flops = run_child(self_worker("flops", {"model": str(model), "mean_length": files["mean_length"]}), env)[0]
-        print(f"{profile}: {PROFILES[profile]['batch'] * PROFILES[profile]['steps']} examples (mean {files['mean_length']:.0f} tokens), "
-              f"B0/B1: {PROFILES[profile]['steps']} steps of {PROFILES[profile]['batch']}; ours: {files['packed_rows']} packed rows, "
-              f"{files['ours_steps']} steps of {files['ours_batch']}", flush=True)
+        batch, steps = PROFILES[profile]["batch"], PROFILES[profile]["steps"]
+        print(
+            f"{profile}: {batch * steps} examples (mean {files['mean_length']:.0f} tokens), "
+            f"B0/B1: {steps} steps of {batch}; ours: {files['packed_rows']} packed rows, "
+            f"{files['ours_steps']} steps of {files['ours_batch']}",
+            flush=True,
+        )
         runs: dict[str, list[dict]] = {name: [] for name in candidates}
         for i in range(args.repeats):
             for name in candidates:
                 result = run_candidate(name, profile, model, files, env, i)
                 runs[name].append(result)
-                print(f"  {profile} {name} #{i + 1}: {result['supervised_tokens_per_s']:.1f} supervised tok/s, "
-                      f"{result['peak_rss_gb']:.2f} GB", flush=True)
+                print(
+                    f"  {profile} {name} #{i + 1}: {result['supervised_tokens_per_s']:.1f} supervised tok/s, "
+                    f"{result['peak_rss_gb']:.2f} GB",
+                    flush=True,
+                )
         summary = {}
         for name in candidates:
             summary[name] = summarize(runs[name])
             summary[name]["achieved_flops"] = summary[name]["tokens_per_s"] * flops["flops_per_token"]
-            heldout_spec = {"model": str(model), "adapter": runs[name][0]["adapter"], "heldout": str(files["heldout"]),
-                            "max_length": PROFILES[profile]["max_length"],
-                            "quantization": OURS[name][0] if name in OURS else "none"}
+            heldout_spec = {
+                "model": str(model),
+                "adapter": runs[name][0]["adapter"],
+                "heldout": str(files["heldout"]),
+                "max_length": PROFILES[profile]["max_length"],
+                "quantization": OURS[name][0] if name in OURS else "none",
+            }
             summary[name]["heldout_loss"] = run_child(self_worker("heldout", heldout_spec), env)[0]["heldout_loss"]
-        report["profiles"][profile] = {"setup": {k: v for k, v in files.items() if not isinstance(v, Path)},
-                                       "flops": flops, "summary": summary, "runs": runs}
+        report["profiles"][profile] = {
+            "setup": {k: v for k, v in files.items() if not isinstance(v, Path)},
+            "flops": flops,
+            "summary": summary,
+            "runs": runs,
+        }
         print_table(profile, summary, peak) if "B0" in summary else None
         compare_estimates(profile, summary, imports_gb, env)
         args.out.parent.mkdir(parents=True, exist_ok=True)

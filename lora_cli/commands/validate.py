@@ -1,0 +1,72 @@
+"""`lora validate` / `lora train --dry-run`: check the recipe and report on the data, train nothing.
+
+Prints, in order: the resolved recipe (each value marked recipe / override / default), the data
+report from the tokenizer alone (lengths, cut rows, supervised share, EOS, padding), a preview of
+a few examples with supervised and masked tokens told apart, warnings with their fixes, and the
+memory estimate from the model config. No model weights are loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from lora_cli.console import quiet_libraries
+from lora_cli.data.prepare import prepare_data
+from lora_cli.data.preview import print_preview
+from lora_cli.data.records import load_with_locations
+from lora_cli.data.tokenize import tokenize_records
+from lora_cli.errors import DataError
+from lora_cli.model.facts import check_max_length, load_model_config
+from lora_cli.model.loading import load_tokenizer
+from lora_cli.model.sources import resolve_model_source
+from lora_cli.recipe.schema import Recipe
+from lora_cli.recipe.show import marked_recipe_lines
+from lora_cli.training.arguments import check_trackers, ignored_settings
+from lora_cli.training.memory import estimate_lines, estimate_memory
+
+
+def run(
+    recipe: Recipe,
+    *,
+    recipe_path: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    preview: int = 2,
+    estimate: bool = True,
+) -> None:
+    quiet_libraries()
+    print("recipe: valid")
+    for line in marked_recipe_lines(recipe, recipe_path, overrides):
+        print(line)
+    check_trackers(recipe)
+    source = resolve_model_source(recipe.model)
+    print(f"model: {source.description}")
+    tokenizer = load_tokenizer(recipe.model, source)
+    config = load_model_config(recipe.model)
+    # an error for learned positions (a longer row cannot run), a warning for RoPE / ALiBi
+    context_warning = check_max_length(recipe.data.max_length, config)
+    data = prepare_data(recipe.data, tokenizer, seed=recipe.train.seed, batch_size=recipe.train.batch_size)
+    if context_warning:
+        data.report.warnings.append(context_warning)
+    for line in data.report.lines(full=True):
+        print(line)
+    for note in ignored_settings(recipe, data):
+        print(f"note: {note}")
+    if preview > 0:
+        _preview(recipe, data.report.format, tokenizer, preview)
+    if estimate:
+        print("estimate:")
+        for line in estimate_lines(estimate_memory(recipe, config)):
+            print(f"  {line}")
+
+
+def _preview(recipe: Recipe, fmt: str, tokenizer, count: int) -> None:
+    """The first `count` rows as the loss sees them (truncated rows shown up to max_length)."""
+    records, where = load_with_locations(recipe.data.train)
+    cfg = dataclasses.replace(recipe.data, format=fmt, too_long="truncate")
+    try:
+        examples, counts = tokenize_records(records[:count], cfg, tokenizer, source="preview", where=where[:count])
+        # Rows with nothing to train on give no example: label each example with its own row.
+        skipped = set(counts.no_supervised_where) | set(counts.dropped_where)
+        print_preview(examples, [w for w in where[:count] if w not in skipped], tokenizer)
+    except DataError:  # the first rows have nothing to train on: the report above says so
+        print(f"preview: the first {count} rows have no supervised tokens")

@@ -1,0 +1,1 @@
+"""The recipe: schema (schema.py), reading and validation (load.py), writing it back (show.py)."""

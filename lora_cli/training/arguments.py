@@ -1,0 +1,100 @@
+"""The recipe's train section as the HF Trainer's arguments, and what a recipe asks of the
+training environment: tracker packages installed, settings this run can act on.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import torch
+from transformers import TrainingArguments
+
+from lora_cli.errors import RecipeError
+from lora_cli.model.dtypes import resolve_dtype
+from lora_cli.recipe.schema import Recipe
+from lora_cli.run.paths import RunPaths
+
+
+def training_arguments(recipe: Recipe, paths: RunPaths, *, has_validation: bool):
+    t = recipe.train
+    dtype = resolve_dtype(recipe.model.dtype)
+    on_gpu = torch.cuda.is_available()
+    if has_validation:
+        eval_kwargs = (
+            {"eval_strategy": "steps", "eval_steps": t.eval_every} if t.eval_every else {"eval_strategy": "epoch"}
+        )
+    else:
+        eval_kwargs = {"eval_strategy": "no"}
+    save_kwargs = {"save_strategy": "steps", "save_steps": t.save_every} if t.save_every else {"save_strategy": "epoch"}
+    return TrainingArguments(
+        output_dir=str(paths.checkpoints),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        # `constant` is the schedule after warm-up (recipe help): with a warm-up, warm up first.
+        lr_scheduler_type="constant_with_warmup" if t.scheduler == "constant" and t.warmup_ratio > 0 else t.scheduler,
+        warmup_steps=t.warmup_ratio,  # a ratio of the total steps (< 1); LoraTrainer.create_scheduler rounds it
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        logging_steps=t.log_every,
+        logging_first_step=True,
+        logging_nan_inf_filter=False,  # we want to see (and stop on) non-finite losses
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        data_seed=t.seed,
+        report_to=list(t.report_to) or "none",
+        bf16=on_gpu and dtype == torch.bfloat16,
+        fp16=on_gpu and dtype == torch.float16,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=on_gpu,
+        disable_tqdm=True,
+        optim="adamw_torch",
+        # Every LoRA weight takes part in each forward pass: DDP need not search for unused ones.
+        ddp_find_unused_parameters=False,
+        **eval_kwargs,
+        **save_kwargs,
+    )
+
+
+# report_to name -> the package the transformers callback needs
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def check_trackers(recipe: Recipe) -> None:
+    """Fail before any model is loaded when a tracker in train.report_to is not installed."""
+    missing = [name for name in recipe.train.report_to if not _installed(TRACKER_PACKAGES[name])]
+    if missing:
+        raise RecipeError(
+            "train.report_to",
+            [f"{name} is listed but the '{TRACKER_PACKAGES[name]}' package is not installed" for name in missing],
+            f"pip install {' '.join(TRACKER_PACKAGES[n] for n in missing)}  (or remove it from train.report_to)",
+        )
+
+
+def _installed(package: str) -> bool:
+    if package in sys.modules:  # None there means "import blocked"
+        return sys.modules[package] is not None
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def ignored_settings(recipe: Recipe, data) -> list[str]:
+    """Settings this run cannot act on: said, not silently dropped (also by `lora validate`)."""
+    notes = []
+    if recipe.train.eval_every and not data.validation:
+        notes.append(
+            "train.eval_every is set but there is no validation data (data.validation or "
+            "data.val_split): nothing will be evaluated"
+        )
+    if recipe.data.train_on_prompt and data.report.format == "text":
+        notes.append("data.train_on_prompt does nothing for text data: every token is trained on already")
+    return notes
