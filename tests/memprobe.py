@@ -26,9 +26,9 @@ def main(recipe_path: str, plain_lora_dropout: bool = False) -> None:
 
     quiet_libraries()
     if plain_lora_dropout:  # peft's own dropout, for tests/test_lean_dropout.py to compare
-        import lora_cli.model.adapters
+        import lora_cli.model.attach
 
-        lora_cli.model.adapters.fold_lora_dropout = lambda model: 0
+        lora_cli.model.attach.fold_lora_dropout = lambda model: 0
     import peft  # noqa: F401  everything training imports, so the baseline includes it
     import torch
     import transformers  # noqa: F401

@@ -53,17 +53,27 @@ def _own_imports(path: Path, name: str) -> list[tuple[str, int, bool]]:
     return found
 
 
+# Imports of our own modules inside a function, outside cli.py: each with its measured reason.
+DEFERRED = {
+    # transformers' Trainer takes ~6 s to import: `lora train` opens the run directory first, so a
+    # run that cannot start (it exists, a resume that does not fit) says so at once
+    ("lora_cli.commands.train", "lora_cli.training.session"),
+    # the memory model (torch, peft on the meta device) is `lora validate`'s last step: a wrong
+    # model.name is said in 1.8 s, not 4
+    ("lora_cli.commands.validate", "lora_cli.training.memory"),
+}
+
+
 def test_imports_of_our_own_modules_are_at_the_top_of_the_file():
     """A file's header says what it depends on; only cli.py imports the commands inside its Typer
-    functions (after the recipe is read, so a bad recipe never waits for torch)."""
-    inside = [
-        f"{path.relative_to(REPO)}:{line} imports {target}"
-        for name, path in _modules().items()
-        if name != "lora_cli.cli"
-        for target, line, in_function in _own_imports(path, name)
-        if in_function
-    ]
-    assert inside == [], "\n".join(inside)
+    functions (after the recipe is read, so a bad recipe never waits for torch), and at most five
+    other imports, each listed in DEFERRED with its reason, wait for the moment they are needed."""
+    inside = {(name, target): f"{path.relative_to(REPO)}:{line} imports {target}"
+              for name, path in _modules().items() if name != "lora_cli.cli"
+              for target, line, in_function in _own_imports(path, name) if in_function}
+    unlisted = [where for pair, where in inside.items() if pair not in DEFERRED]
+    assert unlisted == [], "\n".join(unlisted)
+    assert len(inside) <= 5
 
 
 def test_no_import_cycle_between_modules():

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_counts_match_the_real_model_and_adapter_file(tiny_llama, tmp_path):
     """Meta-device counts equal the loaded model's; the adapter size matches the saved file."""
-    from lora_cli.model.adapters import attach_lora
+    from lora_cli.model.attach import attach_lora
     from lora_cli.model.loading import load_base_model
 
     recipe = tiny_recipe(tiny_llama, tmp_path / "d.jsonl", tmp_path / "run")

@@ -68,8 +68,8 @@ def test_second_ctrl_c_during_a_save_aborts_and_keeps_the_last_good_checkpoint(t
     and --resume continues from checkpoint-2."""
     import peft.peft_model
 
-    import lora_cli.commands.train
     import lora_cli.training.callbacks
+    import lora_cli.training.session
     from lora_cli.commands.train import run as run_training
     from lora_cli.errors import Interrupted
     from lora_cli.run.checkpoints import latest_checkpoint
@@ -90,7 +90,7 @@ def test_second_ctrl_c_during_a_save_aborts_and_keeps_the_last_good_checkpoint(t
         if "checkpoint-3" in str(filename):
             os.kill(os.getpid(), signal.SIGINT)  # the impatient second Ctrl-C, mid-save
 
-    monkeypatch.setattr(lora_cli.commands.train, "StopOnSignalCallback", CtrlCAtStep3)
+    monkeypatch.setattr(lora_cli.training.session, "StopOnSignalCallback", CtrlCAtStep3)
     monkeypatch.setattr(peft.peft_model, "safe_save_file", save_then_ctrl_c)
     data = write_jsonl(tmp_path / "train.jsonl", completion_rows())
     recipe = tiny_recipe(tiny_gpt2, data, tmp_path / "run", train={"max_steps": 4, "save_every": 2})
@@ -114,8 +114,8 @@ def test_second_ctrl_c_during_a_save_aborts_and_keeps_the_last_good_checkpoint(t
 
 def test_sigterm_saves_a_checkpoint_and_exits_143(tiny_gpt2, tmp_path, monkeypatch):
     """A pre-empting scheduler sends SIGTERM: same save as Ctrl-C, exit code 128 + 15."""
-    import lora_cli.commands.train
     import lora_cli.training.callbacks
+    import lora_cli.training.session
     from lora_cli.commands.train import run as run_training
     from lora_cli.errors import Interrupted
     from lora_cli.run.checkpoints import latest_checkpoint
@@ -128,7 +128,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tiny_gpt2, tmp_path, monkeypat
                 os.kill(os.getpid(), signal.SIGTERM)
             return super().on_step_end(args, state, control, **kwargs)
 
-    monkeypatch.setattr(lora_cli.commands.train, "StopOnSignalCallback", TermAtStep3)
+    monkeypatch.setattr(lora_cli.training.session, "StopOnSignalCallback", TermAtStep3)
     data = write_jsonl(tmp_path / "train.jsonl", completion_rows())
     recipe = tiny_recipe(tiny_gpt2, data, tmp_path / "run", train={"max_steps": 10})
     with pytest.raises(Interrupted) as info:
@@ -168,7 +168,7 @@ def test_ctrl_c_during_the_final_adapter_save_leaves_no_half_adapter(tiny_gpt2, 
 
 def test_ctrl_c_after_the_adapter_is_saved_leaves_the_run_completed(tiny_gpt2, tmp_path, monkeypatch):
     """A Ctrl-C while the loss plot is drawn (after the adapter and run.json say completed)."""
-    import lora_cli.commands.train
+    import lora_cli.training.session
     from lora_cli.commands.train import run as run_training
     from lora_cli.errors import Interrupted
     from tests.helpers import completion_rows, tiny_recipe
@@ -177,7 +177,7 @@ def test_ctrl_c_after_the_adapter_is_saved_leaves_the_run_completed(tiny_gpt2, t
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(5)  # the KeyboardInterrupt arrives here
 
-    monkeypatch.setattr(lora_cli.commands.train, "write_loss_plot", ctrl_c_while_plotting)
+    monkeypatch.setattr(lora_cli.training.session, "write_loss_plot", ctrl_c_while_plotting)
     data = write_jsonl(tmp_path / "train.jsonl", completion_rows())
     recipe = tiny_recipe(tiny_gpt2, data, tmp_path / "run", train={"max_steps": 2})
     with pytest.raises(Interrupted) as info:
@@ -191,8 +191,8 @@ def test_ctrl_c_after_the_adapter_is_saved_leaves_the_run_completed(tiny_gpt2, t
 
 def test_runs_shows_the_step_an_interrupted_run_reached(tiny_gpt2, tmp_path, monkeypatch, capsys):
     """Interrupted at step 3 between log lines (every 5 steps): `lora runs` says 3, not 1."""
-    import lora_cli.commands.train
     import lora_cli.training.callbacks
+    import lora_cli.training.session
     from lora_cli.commands.train import run as run_training
     from lora_cli.errors import Interrupted
     from tests.helpers import completion_rows, lora_in_process, tiny_recipe
@@ -203,7 +203,7 @@ def test_runs_shows_the_step_an_interrupted_run_reached(tiny_gpt2, tmp_path, mon
                 os.kill(os.getpid(), signal.SIGINT)
             return super().on_step_end(args, state, control, **kwargs)
 
-    monkeypatch.setattr(lora_cli.commands.train, "StopOnSignalCallback", CtrlCAtStep3)
+    monkeypatch.setattr(lora_cli.training.session, "StopOnSignalCallback", CtrlCAtStep3)
     data = write_jsonl(tmp_path / "train.jsonl", completion_rows())
     recipe = tiny_recipe(tiny_gpt2, data, tmp_path / "runs" / "int", train={"max_steps": 10, "log_every": 5})
     with pytest.raises(Interrupted):
@@ -249,8 +249,8 @@ def test_ctrl_c_on_the_last_step_completes_the_run(tiny_gpt2, tmp_path, monkeypa
     saved and the run is complete (it used to exit 130, and --resume retrained from step 0)."""
     from safetensors.torch import load_file
 
-    import lora_cli.commands.train
     import lora_cli.training.callbacks
+    import lora_cli.training.session
     from lora_cli.commands.train import run as run_training
     from tests.helpers import completion_rows, tiny_recipe
 
@@ -263,7 +263,7 @@ def test_ctrl_c_on_the_last_step_completes_the_run(tiny_gpt2, tmp_path, monkeypa
     data = write_jsonl(tmp_path / "train.jsonl", completion_rows())
     reference = run_training(tiny_recipe(tiny_gpt2, data, tmp_path / "straight", train={"max_steps": 4}),
                              recipe_path=None, resume=False, overwrite=False).final
-    monkeypatch.setattr(lora_cli.commands.train, "StopOnSignalCallback", CtrlCAtStep4)
+    monkeypatch.setattr(lora_cli.training.session, "StopOnSignalCallback", CtrlCAtStep4)
     capsys.readouterr()
     result = run_training(tiny_recipe(tiny_gpt2, data, tmp_path / "run", train={"max_steps": 4}),
                           recipe_path=None, resume=False, overwrite=False)

@@ -1,4 +1,4 @@
-"""LoRA dropout and input cast folded into lora_A (lora_cli/lean_dropout.py): same training,
+"""LoRA dropout and input cast folded into lora_A (lora_cli/model/lean_dropout.py): same training,
 less memory."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""4-bit loading reads the checkpoint tensor by tensor (lora_cli/model.py, read_checkpoint_without_mmap)."""
+"""4-bit loading reads the checkpoint tensor by tensor (lora_cli/model/loading.py, read_checkpoint_without_mmap)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lora_cli.errors import ModelError
-from lora_cli.model.adapters import attach_lora
+from lora_cli.model.attach import attach_lora
 from lora_cli.model.loading import load_base_model
 from lora_cli.model.sources import resolve_model_source
 from lora_cli.recipe.schema import LoraSection

@@ -1,4 +1,4 @@
-"""The chunked supervised-only loss (lora_cli/loss.py) equals the model's own loss, value and gradient."""
+"""The chunked supervised-only loss (lora_cli/training/loss.py) equals the model's own loss, value and gradient."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def _peft_model(model_dir):
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    base.config.use_cache = False  # as in training (lora_cli/model.py); packed rows need it
+    base.config.use_cache = False  # as in training (lora_cli/model/attach.py); packed rows need it
     config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
     return get_peft_model(base, config)
 

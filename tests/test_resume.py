@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import lora_cli.commands.train
 import lora_cli.training.callbacks
+import lora_cli.training.session
 from lora_cli.commands.train import run as run_training
 from lora_cli.errors import Interrupted, RunDirError, TrainingError
 from lora_cli.run.checkpoints import latest_checkpoint
@@ -55,7 +55,7 @@ def _interrupting_callback(at_step: int):
 def _train_until_ctrl_c(recipe, at_step: int) -> Interrupted:
     """Run `recipe` until a real Ctrl-C at `at_step` stops it; the Interrupted it raised."""
     mp = pytest.MonkeyPatch()
-    mp.setattr(lora_cli.commands.train, "StopOnSignalCallback", _interrupting_callback(at_step))
+    mp.setattr(lora_cli.training.session, "StopOnSignalCallback", _interrupting_callback(at_step))
     try:
         with pytest.raises(Interrupted) as info:
             run_training(recipe, recipe_path=None, resume=False, overwrite=False)

@@ -16,12 +16,12 @@ from pathlib import Path
 from lora_cli.console import info
 from lora_cli.errors import DataError, LoraError, ModelError
 from lora_cli.inference.generation import (
-    WriterStreamer,
     check_sampling,
     encode_prompt,
     generate_ids,
     generation_config,
     load_generator,
+    writer_streamer,
 )
 from lora_cli.model.facts import model_context
 
@@ -90,7 +90,7 @@ def run(
         else:
             config.max_new_tokens = max_new_tokens
         streaming = stream and not as_json
-        streamer = WriterStreamer(gen.tokenizer, stdout) if streaming else None
+        streamer = writer_streamer(gen.tokenizer, stdout) if streaming else None
         started = time.perf_counter()
         new = generate_ids(gen, prompt_ids, config, adapter=adapter, seed=seed, streamer=streamer)
         seconds = time.perf_counter() - started

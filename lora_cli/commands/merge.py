@@ -26,9 +26,6 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM
-
 from lora_cli.artifacts.model_card import merged_model_card
 from lora_cli.console import info, quiet_libraries
 from lora_cli.errors import LoraError, MergeError, RunDirError
@@ -56,7 +53,6 @@ from lora_cli.run.recipes import load_run_recipe, run_base_path, trained_on_chat
 DTYPES = ("float32", "bfloat16", "float16")
 
 ONTO = ("quantized", "original")
-
 
 
 @dataclass
@@ -151,6 +147,8 @@ def run(
     # transformers loads it (it keeps e.g. rotary buffers in float32, which an in-memory cast
     # does not, so the in-memory cast model is not what users get).
     if out_dtype != "float32":
+        import torch
+
         merged = merged.to(getattr(torch, out_dtype))
         check_finite(merged, f"the merged model cast to {out_dtype}")
     merged.config.use_cache = True  # training turns the KV cache off; inference wants it
@@ -205,6 +203,9 @@ def _save_verified(merged, tokenizer, output: Path, recipe, out_dtype: str, prob
     transformers bit for bit and within --dtype's rounding of base + adapter; its model card
     (`card(saved_diff)`) and the marker listing what `lora merge` wrote go with it. Returns the
     saved model's max logit difference and its tolerance."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     digests = tensor_digests(merged)
     try:
         with atomic_directory(output) as tmp:
@@ -245,7 +246,6 @@ def _save_verified(merged, tokenizer, output: Path, recipe, out_dtype: str, prob
             "Free some disk space, or choose another --output DIR you can write to.",
         ) from None
     return saved_diff, saved_tolerance
-
 
 
 # --------------------------------------------------------------------------- checks before any work

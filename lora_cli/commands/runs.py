@@ -19,8 +19,36 @@ from lora_cli.run.paths import RunPaths
 from lora_cli.run.processes import run_process_alive
 from lora_cli.run.record import FinalMetrics, read_record_leniently
 
-COLUMNS = ("name", "status", "base_model", "steps", "train_loss", "eval_loss", "eval_change", "created_at")
+HEADERS = ("name", "status", "base model", "steps", "train loss", "eval loss", "eval change (base -> adapter)",
+           "created")
 
+
+def run(directory: Path, *, as_json: bool = False) -> list[dict]:
+    runs = list_runs(directory)
+    if as_json:
+        print(json.dumps(runs, indent=2))
+        return runs
+    if not runs:
+        print(f"no runs under {directory}")
+        return runs
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for column in HEADERS:
+        table.add_column(column, no_wrap=True)
+    for r in runs:
+        change = r["eval_change"]
+        change_text = "-" if not change else (
+            f"{change['base_loss']:.4f} -> {change['adapter_loss']:.4f} ({change['change']:+.4f})")
+        status = "interrupted (process gone)" if r["process_gone"] else r["status"]
+        table.add_row(r["name"], status, _fmt(r["base_model"]), _fmt(r["steps"]), _fmt(r["train_loss"]),
+                      _fmt(r["eval_loss"]), change_text, _fmt(r["created_at"]))
+    console = Console(highlight=False)
+    if not console.is_terminal:  # piped: full lines rather than the 80-column default
+        console = Console(highlight=False, width=250)
+    console.print(table)
+    for r in runs:
+        if r["problem"]:
+            console.print(f"{r['name']}: broken run.json ({r['problem']})", markup=False)
+    return runs
 
 
 def _read_json(path: Path) -> dict:
@@ -99,49 +127,3 @@ def _fmt(value, digits: int = 4) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
-
-
-def run(directory: Path, *, as_json: bool = False) -> list[dict]:
-    runs = list_runs(directory)
-    if as_json:
-        print(json.dumps(runs, indent=2))
-        return runs
-    if not runs:
-        print(f"no runs under {directory}")
-        return runs
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for column in (
-        "name",
-        "status",
-        "base model",
-        "steps",
-        "train loss",
-        "eval loss",
-        "eval change (base -> adapter)",
-        "created",
-    ):
-        table.add_column(column, no_wrap=True)
-    for r in runs:
-        change = r["eval_change"]
-        change_text = (
-            f"{change['base_loss']:.4f} -> {change['adapter_loss']:.4f} ({change['change']:+.4f})" if change else "-"
-        )
-        status = "interrupted (process gone)" if r["process_gone"] else r["status"]
-        table.add_row(
-            r["name"],
-            status,
-            _fmt(r["base_model"]),
-            _fmt(r["steps"]),
-            _fmt(r["train_loss"]),
-            _fmt(r["eval_loss"]),
-            change_text,
-            _fmt(r["created_at"]),
-        )
-    console = Console(highlight=False)
-    if not console.is_terminal:  # piped: full lines rather than the 80-column default
-        console = Console(highlight=False, width=250)
-    console.print(table)
-    for r in runs:
-        if r["problem"]:
-            console.print(f"{r['name']}: broken run.json ({r['problem']})", markup=False)
-    return runs

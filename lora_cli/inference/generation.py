@@ -12,9 +12,6 @@ import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from transformers import GenerationConfig, LogitsProcessorList, TextStreamer, set_seed
-
 from lora_cli.console import info, quiet_libraries
 from lora_cli.data.tokenize import special_suffix
 from lora_cli.errors import LoraError, ModelError, NonFiniteOutput
@@ -37,7 +34,6 @@ class Generator:
     has_adapter: bool
     chat_trained: bool  # the run trained on chat data
     system_prompt: str | None  # the recipe's data.system_prompt
-
 
 
 # --------------------------------------------------------------------------- loading
@@ -129,6 +125,8 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 
 def generation_config(gen: Generator, *, max_new_tokens: int, temperature: float, top_p: float, top_k: int):
     """Our flags on top of the model's special tokens; greedy when temperature is 0."""
+    from transformers import GenerationConfig
+
     tok = gen.tokenizer
     eos = eos_token_ids(gen.model, tok)
     sampling = (
@@ -145,22 +143,28 @@ def generation_config(gen: Generator, *, max_new_tokens: int, temperature: float
     )
 
 
-class WriterStreamer(TextStreamer):
-    """Writes finished pieces of text to `out` as they come; the prompt is not echoed."""
+def writer_streamer(tokenizer, out):
+    """transformers' TextStreamer, writing finished pieces of text to `out` as they come (not to
+    stdout with print); the prompt is not echoed."""
+    from transformers import TextStreamer
 
-    def __init__(self, tokenizer, out):
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.out = out
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
-    def on_finalized_text(self, text: str, stream_end: bool = False):
-        self.out.write(text)
-        self.out.flush()
+    def write(text: str, stream_end: bool = False) -> None:
+        out.write(text)
+        out.flush()
+
+    streamer.on_finalized_text = write  # the hook TextStreamer documents for where text goes
+    return streamer
 
 
 def generate_ids(
     gen: Generator, prompt_ids: list[int], config, *, adapter: bool, seed: int | None, streamer=None
 ) -> list[int]:
     """The new token ids (EOS included if the model stopped there)."""
+    import torch
+    from transformers import LogitsProcessorList, set_seed
+
     device = next(gen.model.parameters()).device
     ids = torch.tensor([prompt_ids], device=device)
     if seed is not None:
@@ -186,6 +190,8 @@ class FiniteLogits:
         self.adapter = adapter
 
     def __call__(self, input_ids, scores):
+        import torch
+
         if torch.isnan(scores).any() or torch.isposinf(scores).any() or not torch.isfinite(scores).any(-1).all():
             if self.adapter:
                 raise NonFiniteOutput(

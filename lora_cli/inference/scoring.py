@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import math
 
-import torch
-import torch.nn.functional as F
-
 from lora_cli.data.packing import Collator
 from lora_cli.data.tokenize import IGNORE_INDEX
 
 
 def token_nll(model, examples: list[dict], pad_token_id: int, batch_size: int) -> tuple[float, int]:
     """(sum of -log p over supervised tokens, number of supervised tokens), in float64."""
+    import torch
+    import torch.nn.functional as F
+
     collate = Collator(pad_token_id)
     device = next(model.parameters()).device
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))  # less padding
@@ -65,6 +65,8 @@ def greedy_answers(
     model, tokenizer, prompts: list[list[int]], max_new: list[int], batch_size: int, eos: list[int]
 ) -> list[list[int]]:
     """Greedy continuations, batched with left padding; each cut at its first EOS."""
+    import torch
+
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))

@@ -1,4 +1,5 @@
-"""LoRA on a base model: a fresh adapter attached for training, or a trained one loaded back.
+"""LoRA on a base model: the recipe's LoraConfig, and a trained adapter loaded back
+(model/attach.py attaches a fresh one for training).
 
 The base weights are never modified: peft wraps them. A damaged adapter, or one trained on
 another model, is a bad input reported with the adapter's path and what is wrong.
@@ -11,16 +12,14 @@ import re
 import warnings
 from pathlib import Path
 
-import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, prepare_model_for_kbit_training
-
 from lora_cli.console import first_line
 from lora_cli.errors import ModelError, is_out_of_memory
-from lora_cli.model.lean_dropout import fold_lora_dropout
 from lora_cli.recipe.schema import LoraSection
 
 
 def lora_config(lora: LoraSection):
+    from peft import LoraConfig
+
     return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -54,10 +53,11 @@ def check_modules_to_save(model, names: list[str]) -> None:
                          f"Names of this model's modules outside its layers: {', '.join(short)}")
 
 
-
 def with_lora(model, lora: LoraSection):
     """`get_peft_model` with the recipe's LoRA, its "target modules not found" said in our words:
     which key, and the names this model has."""
+    from peft import get_peft_model
+
     try:
         return get_peft_model(model, lora_config(lora))
     except ValueError as e:
@@ -68,25 +68,10 @@ def with_lora(model, lora: LoraSection):
         ) from None
 
 
-def attach_lora(model, lora: LoraSection, *, quantized: bool, gradient_checkpointing: bool):
-    """Wrap the base in a PeftModel with a fresh adapter; only the adapter is trainable."""
-    # With a KV cache the packed examples can attend to each other: measured with transformers
-    # 5.23 and sdpa, packed losses were off by up to 2.5 with use_cache=True (docs/performance.md).
-    model.config.use_cache = False
-    check_modules_to_save(model, lora.modules_to_save)
-    if quantized:
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    peft_model = with_lora(model, lora)
-    fold_lora_dropout(peft_model)  # same training, a third less activation memory (lean_dropout.py)
-    return peft_model
-
-
 def linear_module_names(model) -> set[str]:
     """Short names of the model's linear layers (what target_modules lists), minus the head."""
+    import torch
+
     names = set()
     for full_name, module in model.named_modules():
         is_linear = isinstance(module, torch.nn.Linear) or type(module).__name__ in {
@@ -108,6 +93,8 @@ def load_adapter(base, adapter_dir: Path, *, trainable: bool = False):
     A damaged adapter directory or one trained on another model is a bad input: it is reported
     naming the directory and what is wrong, not as the library's traceback.
     """
+    from peft import PeftModel, get_peft_model_state_dict
+
     adapter_dir = Path(adapter_dir)
     base_name = getattr(base.config, "_name_or_path", "") or type(base).__name__
     # Without its weights file peft takes the directory for a hub id and fails with a Hub error.

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import AutoConfig
-
 from lora_cli.console import first_line
 from lora_cli.errors import LoraError, ModelError, RecipeError
 from lora_cli.model.gguf_cache import converted_gguf_dir
@@ -17,6 +15,8 @@ from lora_cli.recipe.schema import ModelConfig
 
 def load_model_config(cfg: ModelConfig):
     """The model's config (config.json, or a GGUF file's metadata): never the weights."""
+    from transformers import AutoConfig
+
     try:
         directory = model_dir_on_disk(cfg)
         if directory is not None:  # the config is enough: the weights need not be there

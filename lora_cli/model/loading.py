@@ -8,10 +8,6 @@ import contextlib
 import gc
 import os
 
-import torch
-import transformers.modeling_utils as modeling_utils
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-
 from lora_cli import ranks
 from lora_cli.console import first_line
 from lora_cli.errors import ModelError
@@ -41,6 +37,8 @@ def _load_failure(source: ModelSource, error: Exception) -> ModelError:
 
 def load_tokenizer(cfg: ModelConfig, source: ModelSource | None = None):
     """The tokenizer, with a pad token (EOS when the model has none; labels never mask EOS)."""
+    from transformers import AutoTokenizer
+
     source = source or resolve_model_source(cfg)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.location, **_from_pretrained_kwargs(cfg, source))
@@ -51,9 +49,10 @@ def load_tokenizer(cfg: ModelConfig, source: ModelSource | None = None):
     return tokenizer
 
 
-
 def adapter_tokenizer(adapter_dir, cfg: ModelConfig, source: ModelSource):
     """The tokenizer saved with an adapter (what training used), else the base model's."""
+    from transformers import AutoTokenizer
+
     if (adapter_dir / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir), trust_remote_code=cfg.trust_remote_code)
         if tokenizer.pad_token is None:
@@ -64,6 +63,9 @@ def adapter_tokenizer(adapter_dir, cfg: ModelConfig, source: ModelSource):
 
 def load_base_model(cfg: ModelConfig, source: ModelSource | None = None, *, device_map=None):
     """The frozen base in full precision, 8-bit or 4-bit (QLoRA), ready for LoRA to be attached."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     source = source or resolve_model_source(cfg)
     dtype = resolve_dtype(cfg.dtype)
     kwargs = _from_pretrained_kwargs(cfg, source)
@@ -110,6 +112,8 @@ def read_checkpoint_without_mmap(active: bool):
     freed once quantized. safetensors' own `backend="pread"` (what transformers uses on MPS and
     Windows) does the reading; yields a list with one entry per file opened that way.
     """
+    import transformers.modeling_utils as modeling_utils
+
     if not active:
         yield []
         return
@@ -137,6 +141,8 @@ def release_checkpoint_mapping(model) -> None:
     would go on holding the whole full-precision checkpoint (540 MB for SmolLM2-135M in float32)
     for a handful of small tensors: the opposite of what 4-bit loading is for.
     """
+    import torch
+
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
             if tensor.device.type == "cpu" and tensor.dtype.is_floating_point:
@@ -159,6 +165,9 @@ def keep_4bit_weights_as_trained(model) -> None:
 
 
 def quantization_config(cfg: ModelConfig):
+    import torch
+    from transformers import BitsAndBytesConfig
+
     if cfg.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     compute = resolve_dtype(cfg.compute_dtype if cfg.compute_dtype != "auto" else cfg.dtype)
@@ -173,13 +182,14 @@ def quantization_config(cfg: ModelConfig):
     )
 
 
-
 def quantized_device_map(*, cuda: bool):
     """Where a quantized base goes: each DDP rank loads its own copy onto its own GPU.
 
     Under FSDP / ZeRO-3 the engine places (and shards) the weights itself, so from_pretrained must
     not pin them to a device. On CPU there is nothing to choose.
     """
+    import torch
+
     if not cuda or ranks.shards_parameters():
         return None
     return {"": ranks.local_rank() if ranks.is_distributed() else torch.cuda.current_device()}
@@ -187,5 +197,7 @@ def quantized_device_map(*, cuda: bool):
 
 def place_for_inference(model, *, quantized: bool) -> None:
     """On a GPU, a full-precision model moves there (quantized bases are placed when loaded)."""
+    import torch
+
     if torch.cuda.is_available() and not quantized:
         model.to("cuda")

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import hashlib
 
-import torch
-from peft.utils.integrations import dequantize_module_weight
-
 from lora_cli.errors import MergeError
 
 # Largest allowed max |logit difference|, relative to max(1, max |reference logit|). float32 is
@@ -30,6 +27,8 @@ PROBE_TEXTS = (
 
 def probe_inputs(tokenizer, vocab_size: int) -> list:
     """A few token sequences: plain text, a chat turn (if there is a template), random ids."""
+    import torch
+
     texts = list(PROBE_TEXTS)
     if getattr(tokenizer, "chat_template", None):
         try:
@@ -45,6 +44,8 @@ def probe_inputs(tokenizer, vocab_size: int) -> list:
 
 
 def probe_logits(model, probes: list) -> list:
+    import torch
+
     model.eval()
     device = next(model.parameters()).device
     with torch.no_grad():
@@ -62,6 +63,8 @@ def logit_scale(logits: list) -> float:
 def check_finite_logits(logits: list, what: str) -> None:
     """A diverged adapter can have finite weights and still give NaN/inf outputs: say so, rather
     than let a NaN difference read as a mismatch between adapter and base."""
+    import torch
+
     if not all(bool(torch.isfinite(x).all()) for x in logits):
         raise MergeError(
             f"the outputs of {what} are non-finite (NaN or inf) on the probe inputs: the adapter is "
@@ -71,6 +74,8 @@ def check_finite_logits(logits: list, what: str) -> None:
 
 
 def check_finite(model, what: str) -> None:
+    import torch
+
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             bad = int((~torch.isfinite(tensor)).sum())
@@ -81,12 +86,14 @@ def check_finite(model, what: str) -> None:
             )
 
 
-
 # --------------------------------------------------------------------------- dequantizing QLoRA bases
 
 
 def dequantized_weights(quantized_model) -> dict:
     """{module name: float32 weight [out, in]} for every bitsandbytes 4-bit / 8-bit layer."""
+    import torch
+    from peft.utils.integrations import dequantize_module_weight
+
     out = {}
     for name, module in quantized_model.named_modules():
         if type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
@@ -96,6 +103,8 @@ def dequantized_weights(quantized_model) -> dict:
 
 def load_dequantized(model, weights: dict) -> None:
     """Copy dequantized weights into a full-precision model of the same architecture, in place."""
+    import torch
+
     with torch.no_grad():
         for name, weight in weights.items():
             try:
@@ -116,6 +125,8 @@ def load_dequantized(model, weights: dict) -> None:
 
 def tensor_digests(model) -> dict[str, str]:
     """name -> sha1 of the tensor's bytes (dtype and shape included): equal means identical."""
+    import torch
+
     out = {}
     for name, tensor in model.state_dict().items():
         t = tensor.detach().cpu().contiguous().reshape(-1)

@@ -1,16 +1,10 @@
-"""The recipe's train section as the HF Trainer's arguments, and what a recipe asks of the
-training environment: tracker packages installed, settings this run can act on.
-"""
+"""The recipe's train section as the HF Trainer's arguments."""
 
 from __future__ import annotations
-
-import importlib.util
-import sys
 
 import torch
 from transformers import TrainingArguments
 
-from lora_cli.errors import RecipeError
 from lora_cli.model.dtypes import resolve_dtype
 from lora_cli.recipe.schema import Recipe
 from lora_cli.run.paths import RunPaths
@@ -61,40 +55,3 @@ def training_arguments(recipe: Recipe, paths: RunPaths, *, has_validation: bool)
         **eval_kwargs,
         **save_kwargs,
     )
-
-
-# report_to name -> the package the transformers callback needs
-TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
-
-
-def check_trackers(recipe: Recipe) -> None:
-    """Fail before any model is loaded when a tracker in train.report_to is not installed."""
-    missing = [name for name in recipe.train.report_to if not _installed(TRACKER_PACKAGES[name])]
-    if missing:
-        raise RecipeError(
-            "train.report_to",
-            [f"{name} is listed but the '{TRACKER_PACKAGES[name]}' package is not installed" for name in missing],
-            f"pip install {' '.join(TRACKER_PACKAGES[n] for n in missing)}  (or remove it from train.report_to)",
-        )
-
-
-def _installed(package: str) -> bool:
-    if package in sys.modules:  # None there means "import blocked"
-        return sys.modules[package] is not None
-    try:
-        return importlib.util.find_spec(package) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def ignored_settings(recipe: Recipe, data) -> list[str]:
-    """Settings this run cannot act on: said, not silently dropped (also by `lora validate`)."""
-    notes = []
-    if recipe.train.eval_every and not data.validation:
-        notes.append(
-            "train.eval_every is set but there is no validation data (data.validation or "
-            "data.val_split): nothing will be evaluated"
-        )
-    if recipe.data.train_on_prompt and data.report.format == "text":
-        notes.append("data.train_on_prompt does nothing for text data: every token is trained on already")
-    return notes

@@ -16,15 +16,11 @@ import pickle
 import shutil
 from pathlib import Path
 
-import torch
-from transformers.trainer_pt_utils import safe_globals  # numpy arrays of the RNG state, nothing more
-
 from lora_cli.console import first_line
 from lora_cli.errors import RunDirError, TrainingError
 from lora_cli.run.checkpoints import STAGING_PREFIX, checkpoint_step, complete_checkpoints, incomplete_reason
 
 DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
-
 
 
 def check_loads_safely(ckpt: Path) -> None:
@@ -34,6 +30,9 @@ def check_loads_safely(ckpt: Path) -> None:
     refuse before anything of the run changes. A file that needs arbitrary code (a pickle gadget)
     is never unpickled by the unsafe path.
     """
+    import torch
+    from transformers.trainer_pt_utils import safe_globals
+
     for path in sorted(ckpt.glob("*.pt")) + sorted(ckpt.glob("*.pth")):
         try:
             with safe_globals():

@@ -19,10 +19,6 @@ import os
 import re
 from datetime import timedelta
 
-import torch
-import torch.distributed
-from accelerate import PartialState
-
 from lora_cli import ranks
 from lora_cli.console import first_line
 from lora_cli.errors import LoraError, ModelError, PeerFailed, TrainingError
@@ -30,7 +26,6 @@ from lora_cli.errors import LoraError, ModelError, PeerFailed, TrainingError
 # Long enough for rank 0 to load a large model or build a big dataset while the others wait at a
 # barrier; the same default the Trainer uses (TrainingArguments.ddp_timeout).
 PROCESS_GROUP_TIMEOUT = timedelta(seconds=1800)
-
 
 
 # --------------------------------------------------------------------------- what is supported
@@ -41,12 +36,11 @@ SUPPORT_HINT = (
 )
 
 
-
 def check_engine_supports(quantization: str, *, cuda: bool) -> None:
     """Refuse engine + quantization combinations that fail (or silently misbehave) later.
 
     Supported: anything on DDP; 4-bit with FSDP (CUDA; 4-bit weights stored in the compute dtype
-    so FSDP can shard them, see model.quantization_config); 4-bit with DeepSpeed ZeRO-2/3 (CUDA).
+    so FSDP can shard them, see model/loading.py quantization_config); 4-bit with DeepSpeed ZeRO-2/3 (CUDA).
     Refused: 8-bit with FSDP or DeepSpeed (bitsandbytes' int8 weights cannot be sharded; PEFT
     documents known issues), FSDP/DeepSpeed with a quantized base on CPU (bitsandbytes' sharded
     path is CUDA-only), DeepSpeed without CUDA.
@@ -78,6 +72,9 @@ def init() -> None:
     """
     if not ranks.is_distributed():
         return
+    import torch.distributed
+    from accelerate import PartialState
+
     cpu = not torch.cuda.is_available()
     if cpu:
         os.environ["ACCELERATE_USE_CPU"] = "true"
@@ -91,11 +88,15 @@ def init() -> None:
 def _group_ready() -> bool:
     if not ranks.is_distributed():
         return False
+    import torch.distributed
+
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def barrier() -> None:
     if _group_ready():
+        import torch.distributed
+
         torch.distributed.barrier()
 
 
@@ -107,6 +108,8 @@ def main_first(fn):
     """
     if not _group_ready():
         return fn()
+    import torch.distributed
+
     box = [None]
     error = None
     if ranks.is_main():
@@ -158,6 +161,8 @@ def agree_max(value: int) -> int:
     """
     if not _group_ready():
         return value
+    import torch.distributed
+
     on_gpu = "nccl" in str(torch.distributed.get_backend())
     t = torch.tensor([int(value)], device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)

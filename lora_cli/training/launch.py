@@ -14,8 +14,6 @@ import signal
 import subprocess
 import sys
 
-import torch
-
 from lora_cli import ranks
 from lora_cli.errors import LoraError
 
@@ -105,6 +103,8 @@ def relaunch(num_processes: int, argv: list[str]) -> int:
             "--num-processes cannot be used inside a distributed launch",
             "Drop --num-processes: the launcher already started the processes.",
         )
+    import torch  # (here: a bad --num-processes is said without loading it)
+
     cmd = relaunch_command(num_processes, strip_num_processes(argv), cuda=torch.cuda.is_available())
     env = dict(os.environ)
     # N processes share the cores: without this each would start one thread per core.

@@ -24,7 +24,6 @@ import contextlib
 import inspect
 
 import torch
-import transformers.modeling_utils as mu
 
 from lora_cli.data.tokenize import IGNORE_INDEX
 
@@ -90,6 +89,8 @@ def plain_head(hf_model) -> torch.nn.Linear | None:
         return None
     if "logits_to_keep" not in inspect.signature(hf_model.forward).parameters:
         return None
+    import transformers.modeling_utils as mu  # (here: estimating memory imports this module, not transformers')
+
     if not hasattr(mu, "slice_logits_to_keep"):  # boolean masks arrived with this helper
         return None
     head = hf_model.get_output_embeddings()

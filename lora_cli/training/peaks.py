@@ -7,8 +7,6 @@ from __future__ import annotations
 import resource
 import sys
 
-import torch
-
 from lora_cli.console import human_bytes
 
 
@@ -18,6 +16,8 @@ def peak_memory() -> dict:
     On a GPU the tensors live in GPU memory: `gpu_peak_allocated_bytes` is what they occupied at
     most (the figure the estimate models), `gpu_peak_reserved_bytes` what torch's caching
     allocator held from the driver (what nvidia-smi shows, less the CUDA context)."""
+    import torch
+
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     peaks = {"process_peak_rss_bytes": maxrss if sys.platform == "darwin" else maxrss * 1024}  # Linux: KiB
     if torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -32,7 +32,7 @@ RUN_LOSS_FILE = "lora_run_loss.json"  # in each checkpoint: the loss book of the
 class LoraTrainer(Trainer):
     tokens = None  # TokenCounter
     max_nonfinite_steps = 3
-    use_chunked_loss = True  # lora_cli/loss.py where exact; False: the model's own loss
+    use_chunked_loss = True  # training/loss.py where exact; False: the model's own loss
     _nonfinite_in_a_row = 0
 
     # Our own loss book, per optimizer step (the sum of its micro-batches' losses): the Trainer's

@@ -40,7 +40,8 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/lora-memory-phases")
     args = parser.parse_args()
 
-    import lora_cli.commands.train
+    import lora_cli.training.session
+    from lora_cli.commands.train import run as run_training
     from lora_cli.console import quiet_libraries
     from lora_cli.recipe.load import load_recipe
 
@@ -56,8 +57,8 @@ def main() -> None:
             peaks[phase[0]] = max(peaks.get(phase[0], 0), rss())
             time.sleep(0.002)
 
-    train = lora_cli.commands.train
-    load_base_model = train.load_base_model
+    session = lora_cli.training.session
+    load_base_model = session.load_base_model
 
     def loading(*a, **k):
         phase[0] = "loading"
@@ -65,7 +66,7 @@ def main() -> None:
         phase[0] = "attaching LoRA"
         return model
 
-    class PhaseTrainer(train.LoraTrainer):
+    class PhaseTrainer(session.LoraTrainer):
         def training_step(self, *a, **k):
             phase[0] = f"step {self.state.global_step + 1}"
             return super().training_step(*a, **k)
@@ -75,11 +76,11 @@ def main() -> None:
             phase[0] = "saving"  # the adapter, the model card, the loss plot
             return result
 
-    train.load_base_model, train.LoraTrainer = loading, PhaseTrainer
+    session.load_base_model, session.LoraTrainer = loading, PhaseTrainer
     recipe = dataclasses.replace(load_recipe(args.recipe), output_dir=args.out)
     shutil.rmtree(args.out, ignore_errors=True)
     threading.Thread(target=sample, daemon=True).start()
-    train.run(recipe, recipe_path=args.recipe, resume=False, overwrite=False)
+    run_training(recipe, recipe_path=args.recipe, resume=False, overwrite=False)
     done.set()
     result = {name: round((peak - baseline) / 2**20) for name, peak in peaks.items()}
     print(json.dumps({"ld_preload": os.environ.get("LD_PRELOAD", ""), "mb_above_imports": result}))

@@ -291,7 +291,7 @@ def worker_import_baseline() -> None:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    import lora_cli.commands.train  # noqa: F401
+    import lora_cli.training.session  # noqa: F401
 
 
 def worker_matmul_peak() -> None:
