@@ -57,8 +57,6 @@ ALPACA_PROMPT_NO_INPUT = (
 )
 
 
-
-
 class RowProblem(Exception):
     """One row's problem; collected into a DataError that names the rows."""
 

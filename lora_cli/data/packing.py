@@ -14,7 +14,6 @@ from lora_cli.data.tokenize import IGNORE_INDEX
 REAL_TOKENS_KEY = "real_tokens"
 
 
-
 def pack(examples: list[dict], max_length: int) -> list[dict]:
     """First-fit decreasing into rows of at most max_length tokens; deterministic.
 

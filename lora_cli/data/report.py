@@ -157,7 +157,6 @@ class DataReport:
         return out + self.notes
 
 
-
 def add_details(report: DataReport, counts: TokenizeCounts, tokenizer, *, seed: int, batch_size: int | None) -> None:
     """Length distribution, which rows were cut, and whether examples teach the model to stop."""
     report.length_stats = stats.summary(counts.raw_lengths)

@@ -21,7 +21,6 @@ REQUIRED_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 ADAPTER_FILES = ("adapter_model.safetensors", "model.safetensors")
 
 
-
 def checkpoint_step(path: Path) -> int | None:
     step = path.name.removeprefix("checkpoint-")
     return int(step) if path.name.startswith("checkpoint-") and step.isdigit() else None
@@ -58,7 +57,6 @@ def complete_checkpoints(folder: Path, *, say=None) -> list[tuple[int, Path]]:
         elif say:
             say(f"resume: skipping incomplete checkpoint {path} ({reason})")
     return sorted(out)
-
 
 
 def latest_checkpoint(paths: RunPaths) -> Path | None:

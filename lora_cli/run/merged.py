@@ -30,7 +30,6 @@ MERGE_FILES = frozenset({
 SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
 
 
-
 def files_merge_did_not_write(directory: Path) -> list[str] | None:
     """Names in `directory` that an earlier merge did not write; None if no merge wrote it."""
     try:

@@ -17,7 +17,6 @@ from pathlib import Path
 RUNS_ROOT = Path("runs")
 
 
-
 @dataclass(frozen=True)
 class RunPaths:
     root: Path

@@ -79,7 +79,6 @@ TOKENIZER_MEMORY_PER_FILE_BYTE = 13
 SAFETENSORS_BYTES_PER_TENSOR = 130  # the JSON header entry for one tensor (name, dtype, shape)
 
 
-
 @dataclass
 class ModelShape:
     total_params: int

@@ -33,7 +33,6 @@ RESUME_BENIGN_KEYS = {
 }
 
 
-
 def data_fingerprint(spec) -> str:
     """sha256 over the training files' bytes (or the hub id), to detect changed data on resume."""
     digest = hashlib.sha256()
