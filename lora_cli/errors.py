@@ -66,34 +66,30 @@ class RunDirError(LoraError):
 # --------------------------------------------------------------------------- failures at run time (exit 1)
 
 
-class TrainingError(LoraError):
+class RunTimeFailure(LoraError):
+    """Something failed while running, on valid input: exit 1, not 2."""
+
+    exit_code = EXIT_RUNTIME
+
+
+class TrainingError(RunTimeFailure):
     """Training failed at run time (non-finite loss, out of memory)."""
 
-    exit_code = EXIT_RUNTIME
 
-
-class MergeError(LoraError):
+class MergeError(RunTimeFailure):
     """The merge produced a model that does not do what the adapter did (or is not finite)."""
 
-    exit_code = EXIT_RUNTIME
 
-
-class NonFiniteOutput(LoraError):
+class NonFiniteOutput(RunTimeFailure):
     """The model's logits went NaN/inf while generating (a diverged adapter)."""
 
-    exit_code = EXIT_RUNTIME
 
-
-class NonFiniteLoss(LoraError):
+class NonFiniteLoss(RunTimeFailure):
     """An evaluation loss came out NaN/inf (a diverged adapter): nothing is written."""
 
-    exit_code = EXIT_RUNTIME
 
-
-class EvalWriteError(LoraError):
+class EvalWriteError(RunTimeFailure):
     """eval.json could not be written after the evaluation ran (disk full, ...)."""
-
-    exit_code = EXIT_RUNTIME
 
 
 class PeerFailed(LoraError):

@@ -88,10 +88,10 @@ def with_run_dtypes(recipe: Recipe, paths: RunPaths) -> Recipe:
 def trained_on_chat(paths: RunPaths, recipe: Recipe) -> bool:
     """Did the run train on chat rows? run.json says which format was used; else the recipe/data."""
     try:
-        fmt = read_record(paths).data
-        fmt = fmt.format if fmt is not None else None
+        data = read_record(paths).data
     except LoraError:
-        fmt = None
+        data = None
+    fmt = data.format if data is not None else None
     if fmt:
         return fmt == "chat"
     if recipe.data.format != "auto":
