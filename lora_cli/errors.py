@@ -80,6 +80,16 @@ class MergeError(RunTimeFailure):
     """The merge produced a model that does not do what the adapter did (or is not finite)."""
 
 
+class ExportError(LoraError):
+    """`lora export` cannot write what was asked (an architecture, quant type or tokenizer llama.cpp
+    would not run as transformers does, an output it must not replace): exit 2."""
+
+
+class ExportCheckFailed(RunTimeFailure):
+    """The written file does not compute what the model does, or the tool it needs failed: exit 1,
+    nothing left at the output."""
+
+
 class NonFiniteOutput(RunTimeFailure):
     """The model's logits went NaN/inf while generating (a diverged adapter)."""
 

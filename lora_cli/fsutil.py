@@ -27,6 +27,7 @@ def atomic_file(target: Path, suffix: str = ".tmp") -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        _default_permissions(Path(tmp))
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -60,6 +61,7 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _default_permissions(tmp)
     if target.exists() and _exchange(tmp, target):
         shutil.rmtree(tmp, ignore_errors=True)  # now holds the old contents
         return
@@ -72,6 +74,14 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     os.replace(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _default_permissions(path: Path) -> None:
+    """What a plain open()/mkdir() would have given (mkstemp and mkdtemp make them private to their
+    owner): an exported model must be readable by e.g. the Ollama server's own user."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _exchange(a: Path, b: Path) -> bool:

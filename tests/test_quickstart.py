@@ -76,3 +76,41 @@ def test_quickstart_smoke(tmp_path):
     )
     assert generated.returncode == 0, generated.stderr[-3000:]
     assert generated.stdout.strip()
+
+    # The quickstart's next step: the model for Ollama / llama.cpp, checked by the export itself
+    # (transformers reads the file back) and, where llama.cpp is installed, by llama.cpp: its greedy
+    # answer is `lora generate --temperature 0`'s on the merged model.
+    exported = lora("export", str(run), "--format", "ollama", "--quant", "f16", "--json", cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    result = json.loads(exported.stdout)
+    model_file = Path(result["output"])
+    assert model_file == run / "export" / "ollama" / "model.gguf"
+    modelfile = (model_file.parent / "Modelfile").read_text()
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM' in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert result["check"]["kl"] < 0.01 < result["check"]["fine_tune_kl"]
+    if importlib.util.find_spec("llama_cpp") is None:
+        return
+    merged = lora("generate", "Define: Observatory", "--model", str(run / "merged"), "--chat", "--temperature", "0",
+                  "--max-new-tokens", "20", "--json", cwd=tmp_path)
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    expected = json.loads(merged.stdout)["output"]
+    script = (
+        "import sys, json\n"
+        "from llama_cpp import Llama\n"
+        "from transformers import AutoTokenizer\n"
+        "tok = AutoTokenizer.from_pretrained(sys.argv[2])\n"
+        "ids = tok.apply_chat_template([{'role': 'user', 'content': 'Define: Observatory'}],"
+        " add_generation_prompt=True, tokenize=True, return_dict=False)\n"
+        "llm = Llama(model_path=sys.argv[1], n_ctx=256, verbose=False)\n"
+        "out = []\n"
+        "for t in llm.generate(ids, temp=0.0, top_k=1):\n"
+        "    if t == tok.eos_token_id: break\n"
+        "    out.append(t)\n"
+        "    if len(out) == 20: break\n"
+        "print(json.dumps(tok.decode(out, skip_special_tokens=True)))\n"
+    )
+    cpp = subprocess.run([sys.executable, "-c", script, str(model_file), str(run / "merged")], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert cpp.returncode == 0, cpp.stderr[-3000:]
+    assert json.loads(cpp.stdout.strip().splitlines()[-1]) == expected

@@ -20,7 +20,7 @@ from lora_cli.errors import RunDirError
 from lora_cli.fsutil import atomic_write_json
 from lora_cli.run.checkpoints import STAGING_PREFIX, checkpoint_step
 from lora_cli.run.merged import MARKER, files_merge_did_not_write
-from lora_cli.run.paths import ADAPTER_SAVE_FILES, RUN_ENTRIES, RunPaths
+from lora_cli.run.paths import ADAPTER_SAVE_FILES, RUN_ENTRIES, RunPaths, exported_by_lora
 from lora_cli.run.processes import process_identity, run_process_alive
 from lora_cli.run.record import RunRecord, our_record
 
@@ -227,4 +227,7 @@ def _foreign_inside(paths: RunPaths) -> list[str]:
             foreign.append(f"merged/ (no {MARKER}: not written by `lora merge`)")
         else:
             foreign += [f"merged/{name}" for name in unlisted]
+    if paths.export.is_dir() and not paths.export.is_symlink():
+        foreign += [f"export/{e.name}" for e in paths.export.iterdir()
+                    if not (exported_by_lora(e) or e.name.startswith("."))]
     return sorted(foreign)

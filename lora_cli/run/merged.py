@@ -5,6 +5,7 @@ a hub snapshot or a directory a user filled.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -53,3 +54,32 @@ def files_merge_did_not_write(directory: Path) -> list[str] | None:
     return sorted(p.name + ("/" if p.is_dir() else "") for p in entries
                   if p.is_dir() or (p.name not in written and p.name != MARKER))
 
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def adapter_digest(adapter_dir: Path) -> str | None:
+    """SHA-256 of the adapter's weights: a merged model records the adapter it was made from."""
+    try:
+        with open(adapter_dir / ADAPTER_WEIGHTS, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+def why_not_current(merged_dir: Path, adapter_dir: Path) -> str | None:
+    """None when `merged_dir` is a complete merge of exactly this adapter (its marker records the
+    adapter's digest); otherwise why it cannot stand for the adapter (for the message)."""
+    if not (merged_dir / "config.json").is_file():
+        return "it holds no model"
+    try:
+        marker = json.loads((merged_dir / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"it has no readable {MARKER}"
+    recorded = marker.get("adapter_sha256") if isinstance(marker, dict) else None
+    if recorded is None:
+        return "it does not record which adapter it was made from (merged by an older lora)"
+    if recorded != adapter_digest(adapter_dir):
+        return "the adapter changed since it was merged"
+    return None

@@ -5,6 +5,7 @@
       run.json        status, versions, ...    checkpoints/  resumable Trainer checkpoints
       metrics.jsonl   one JSON line per log    merged/       `lora merge`   eval.json  `lora eval`
       loss.png        the loss curves          tensorboard/  with train.report_to: [tensorboard]
+      export/         `lora export`: *.gguf files, ollama/ (Modelfile + model.gguf)
 
 docs/reliability.md states what `lora` promises about it.
 """
@@ -57,11 +58,28 @@ class RunPaths:
     def tensorboard(self) -> Path:
         return self.root / "tensorboard"
 
+    @property
+    def export(self) -> Path:
+        return self.root / "export"
+
 
 # What `lora` itself writes into a run directory (train, eval, merge); hidden temporaries of these
 # (".run.json.x.tmp", ".adapter.old-1") too. Anything else was put there by someone else.
 RUN_ENTRIES = ("recipe.yaml", "run.json", "metrics.jsonl", "adapter", "checkpoints", "merged", "eval.json",
-               "loss.png", "tensorboard")
+               "loss.png", "tensorboard", "export")
+
+# What `lora export` writes: GGUF files, and Ollama directories of a Modelfile beside its model.
+OLLAMA_FILES = frozenset({"Modelfile", "model.gguf"})
+
+
+def exported_by_lora(path: Path) -> bool:
+    """A file or directory `lora export` writes (a .gguf file, or an Ollama directory holding only
+    Modelfile and model.gguf), which its --overwrite and `lora train --overwrite` may replace."""
+    if path.is_symlink():
+        return False
+    if path.is_file():
+        return path.suffix == ".gguf"
+    return path.is_dir() and {e.name for e in path.iterdir()} <= OLLAMA_FILES
 
 
 # What the adapter save writes into adapter/: PEFT's adapter files and model card, and the
