@@ -73,3 +73,4 @@ bench: setup
 	$(PY) scripts/bench/inference.py
 	$(PY) scripts/bench/allocator.py
 	$(PY) scripts/bench/precision.py
+	$(PY) scripts/bench/serve.py --model quickstart

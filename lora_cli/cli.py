@@ -302,8 +302,120 @@ def eval_(
     )
 
 
+ServeRunsArg = Annotated[
+    Optional[list[str]],
+    typer.Argument(
+        help="Runs to serve as adapters on their shared base (NAME=RUN serves one under NAME), or one model "
+        "directory such as RUN/merged (default: the latest run under ./runs).",
+        show_default=False,
+    ),
+]
+
+
+@app.command()
+def serve(
+    runs: ServeRunsArg = None,
+    model: Annotated[
+        Optional[str],
+        typer.Option(
+            "--model",
+            help="Without RUN: any model to serve (a directory, hub id, .gguf file or built-in name). "
+            "With runs: must be their base.",
+            show_default=False,
+        ),
+    ] = None,
+    host: Annotated[
+        str, typer.Option("--host", help="Address to listen on (0.0.0.0: every interface; mind --api-key).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on (0: any free port).")] = 8000,
+    api_key: Annotated[
+        Optional[str],
+        typer.Option(
+            "--api-key",
+            envvar="LORA_API_KEY",
+            help="Require `Authorization: Bearer KEY` on /v1 requests (or set LORA_API_KEY).",
+            show_default=False,
+        ),
+    ] = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Most requests decoded together.")] = 16,
+):
+    """Serve runs' adapters (one base in memory) behind an OpenAI-compatible API: /v1/chat/completions,
+    /v1/completions, /v1/models, /health. Concurrent requests are decoded together, mixed adapters too."""
+    from lora_cli.commands import serve as command
+
+    command.run(runs, model=model, host=host, port=port, api_key=api_key, max_batch=max_batch)
+
+
+@app.command()
+def chat(
+    runs: ServeRunsArg = None,
+    model: Annotated[
+        Optional[str],
+        typer.Option("--model", help="Without RUN: any chat model (directory, hub id, .gguf, built-in name).",
+                     show_default=False),
+    ] = None,
+    system: Annotated[
+        Optional[str],
+        typer.Option("--system", help="System prompt (default: the run's data.system_prompt).", show_default=False),
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Most tokens per answer.")] = 256,
+    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature; 0 is greedy.")] = 0.7,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling probability mass.")] = 0.9,
+    seed: Annotated[
+        Optional[int], typer.Option("--seed", help="Random seed: makes sampling repeatable.", show_default=False)
+    ] = None,
+):
+    """Chat with a run's adapter in the terminal: multi-turn, streamed, the run's chat template.
+
+    /reset forgets the conversation, /adapter NAME switches adapter (several runs loaded), /base answers
+    with the base alone, /exit (or Ctrl-D) ends; Ctrl-C stops an answer, not the chat.
+    """
+    from lora_cli.commands import chat as command
+
+    command.run(runs, model=model, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
+                top_p=top_p, seed=seed)
+
+
+@app.command()
+def export(
+    run: RunArg = None,
+    format: Annotated[
+        str, typer.Option("--format", help="gguf: one file for llama.cpp / LM Studio; ollama: DIR with "
+                          "model.gguf + Modelfile.")
+    ] = "gguf",
+    quant: Annotated[
+        Optional[str],
+        typer.Option(
+            "--quant",
+            help="f32 | f16 | bf16 | q8_0 (default) | q5_1 | q4_1 | q4_0, or a k-quant (q4_k_m, ...: needs "
+            "llama.cpp's llama-quantize on PATH). --adapter-only: f32 (default) | f16 | bf16 | q8_0.",
+            show_default=False,
+        ),
+    ] = None,
+    adapter_only: Annotated[
+        bool, typer.Option("--adapter-only", help="Write the adapter alone as a GGUF LoRA (llama.cpp --lora).")
+    ] = False,
+    output: Annotated[
+        Optional[Path],
+        typer.Option("--output", "-o", help="The .gguf file (--format ollama: the directory) to write "
+                     "(default: under RUN/export/).", show_default=False),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier export at --output.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+):
+    """Export the fine-tuned model as GGUF (llama.cpp, LM Studio) or for Ollama, or the adapter as a GGUF LoRA.
+
+    Merges first when RUN/merged is missing or stale, and checks the written file before keeping it:
+    read back by transformers, it must compute what the merged model does.
+    """
+    from lora_cli.commands import export as command
+
+    command.run(run, format=format, quant=quant, adapter_only=adapter_only, output=output, overwrite=overwrite,
+                as_json=json_out)
+
+
 # Commands that run a model: they get tcmalloc when it is installed (see allocator.py).
-HEAVY_COMMANDS = {"train", "eval", "generate", "merge"}
+HEAVY_COMMANDS = {"train", "eval", "generate", "merge", "export", "serve", "chat"}
 
 
 def main() -> None:

@@ -274,6 +274,23 @@ CASES = [
         ["weird.jsonl", "row 1", "hint:"],
         files={"weird.jsonl": json.dumps({"question": "a", "answer": "b"}) + "\n"},
     ),
+    # ---- lora export: refused before a run is even read, let alone a model loaded
+    Case("export-unknown-format", ["export", "{tmp}/run", "--format", "onnx"], 2,
+         ["--format onnx is not one of gguf, ollama", "hint:"]),
+    Case("export-unknown-quant", ["export", "{tmp}/run", "--quant", "q3_0"], 2,
+         ["--quant q3_0 is not one of", "hint: Written by lora: f32, f16"]),
+    Case("export-adapter-only-kquant", ["export", "{tmp}/run", "--adapter-only", "--quant", "q4_k_m"], 2,
+         ["llama.cpp applies LoRA files in f32, f16, bf16, q8_0 only", "hint:"]),
+    Case("export-adapter-only-ollama", ["export", "{tmp}/run", "--adapter-only", "--format", "ollama"], 2,
+         ["--adapter-only writes a GGUF LoRA file", "hint:"]),
+    Case("export-kquant-without-llama-quantize", ["export", "{tmp}/run", "--quant", "q4_k_m"], 2,
+         ["`llama-quantize`, which is not on PATH", "hint: Build llama.cpp"], env={"PATH": "/nonexistent"}),
+    Case("export-missing-run", ["export", "{tmp}/no-such-run"], 2, ["{tmp}/no-such-run does not exist", "hint:"]),
+    # ---- lora serve / chat
+    Case("serve-missing-run", ["serve", "{tmp}/no-such-run"], 2, ["{tmp}/no-such-run does not exist", "hint:"]),
+    Case("serve-bad-name", ["serve", "=runs/x"], 2, ["'=runs/x' is not RUN or NAME=RUN", "hint:"]),
+    Case("serve-bad-port", ["serve", "--port", "70000", "{tmp}/run"], 2, ["--port must be in 0-65535", "hint:"]),
+    Case("chat-missing-run", ["chat", "{tmp}/no-such-run"], 2, ["{tmp}/no-such-run does not exist", "hint:"]),
 ]
 
 

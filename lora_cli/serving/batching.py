@@ -1,0 +1,316 @@
+"""Continuous batching: every request in flight is decoded in one forward pass per step, each row
+through its own adapter (peft's mixed-adapter batches: `adapter_names=`, "__base__" for the base).
+
+One thread owns the model. A new request is prefilled on its own (exactly the prefill `lora
+generate` does, so its first token is the same) and its KV cache joins the running batch between
+two steps, left-padded to the batch's length: the attention mask hides the padding, and each row
+carries its own position ids, so a row decodes as it would alone. A row leaves the batch when it
+ends (EOS, a stop string, max_tokens) or its client goes away; padding that no row needs any
+more is cut off. Each row samples with its own temperature, top_p and seeded generator, so a
+seeded answer does not depend on what else is in the batch.
+
+Clients see `Event`s through the `emit` callback they hand in (called on the engine thread).
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+from lora_cli.console import first_line
+from lora_cli.errors import is_out_of_memory
+from lora_cli.serving.registry import Registry, Served
+from lora_cli.serving.text import TextStream
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Event:
+    kind: str  # "text" | "done" | "error"
+    text: str = ""
+    finish_reason: str | None = None  # "stop" | "length"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    status: int = 500  # errors: the HTTP status they mean
+
+
+class Job:
+    """One request: what to generate, and where its events go."""
+
+    def __init__(self, served: Served, prompt_ids: list[int], sampling: Sampling, emit: Callable[[Event], None]):
+        self.served = served
+        self.prompt_ids = list(prompt_ids)
+        self.sampling = sampling
+        self.emit = emit
+        self.cancelled = False  # set by the client's side (it went away); the engine drops the row
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def send(self, event: Event) -> None:
+        try:
+            self.emit(event)
+        except Exception:  # a client's closed loop or queue must never stop the engine
+            pass
+
+
+@dataclass
+class _Row:
+    job: Job
+    text: TextStream
+    generator: object  # torch.Generator
+    length: int  # tokens of this row in the KV cache (its next position id)
+    last: int = -1  # the token to feed next
+    generated: list[int] = field(default_factory=list)
+    done: bool = False
+
+
+class Engine:
+    def __init__(self, registry: Registry, *, max_batch: int = 16):
+        self.registry = registry
+        self.model = registry.model
+        self.max_batch = max_batch
+        self._incoming: queue.Queue = queue.Queue()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._rows: list[_Row] = []
+        self._cache = None  # the batch's KV cache (transformers DynamicCache), rows in _rows order
+        self._mask = None  # [rows, cache length] attention mask: 0 on left padding
+        self.stats = {"active": 0, "queued": 0, "finished": 0, "cancelled": 0, "steps": 0, "largest_batch": 0}
+
+    # ------------------------------------------------------------------ the client side
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="lora-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        if self._stopping.is_set():
+            job.send(Event("error", text="the server is shutting down", status=503))
+            return
+        self._incoming.put(job)
+        self.stats["queued"] = self._incoming.qsize()
+
+    def stop(self, *, wait: bool = True, timeout: float = 10.0) -> None:
+        """Cut the rows in flight (they end with finish_reason "length"), refuse queued ones."""
+        self._stopping.set()
+        self._incoming.put(None)  # wakes a waiting engine
+        if wait and self._thread is not None:
+            self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ the engine thread
+
+    def _run(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            while not self._stopping.is_set():
+                try:
+                    self._admit(block=not self._rows)
+                    self._leave([r for r in self._rows if r.job.cancelled], cancelled=True)
+                    if self._rows:
+                        self._step()
+                except Exception as e:  # a failed step fails its rows, never the server
+                    self._fail_all(e)
+                self.stats.update(active=len(self._rows), queued=self._incoming.qsize())
+        for row in self._rows:
+            self._finish(row, "length")
+        self._rows, self._cache, self._mask = [], None, None
+        while True:
+            try:
+                job = self._incoming.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.send(Event("error", text="the server is shutting down", status=503))
+        self.stats.update(active=0, queued=0)
+
+    def _admit(self, *, block: bool) -> None:
+        room = self.max_batch - len(self._rows)
+        while room > 0:
+            try:
+                job = self._incoming.get(timeout=0.2) if block else self._incoming.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            if job is None or job.cancelled:
+                if job is not None:
+                    self.stats["cancelled"] += 1
+                continue
+            try:
+                if self._prefill(job):
+                    room -= 1
+            except Exception as e:
+                if is_out_of_memory(e):
+                    job.send(Event("error", text="out of memory while reading the prompt", status=503))
+                else:
+                    job.send(Event("error", text=f"generation failed: {type(e).__name__}: {first_line(e, 200)}"))
+
+    def _prefill(self, job: Job) -> bool:
+        """Run the prompt alone, sample its first token, join the batch (True) unless already done."""
+        import torch
+
+        device = next(self.model.parameters()).device
+        ids = torch.tensor([job.prompt_ids], device=device)
+        out = self._forward(ids, torch.ones_like(ids), None, None, [job.served.route])
+        seed = job.sampling.seed if job.sampling.seed is not None else random.randrange(2**63)
+        row = _Row(job, TextStream(job.served.tokenizer, job.sampling.stop),
+                   torch.Generator(device=device).manual_seed(seed), length=len(job.prompt_ids))
+        self._accept(row, out.logits[0, -1])
+        if row.done:
+            return False
+        self._join(row, out.past_key_values)
+        return True
+
+    def _step(self) -> None:
+        """One token for every row, in one forward pass."""
+        import torch
+
+        rows = self._rows
+        device = self._mask.device
+        ids = torch.tensor([[r.last] for r in rows], device=device)
+        positions = torch.tensor([[r.length] for r in rows], device=device)
+        mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
+        out = self._forward(ids, mask, positions, self._cache, [r.job.served.route for r in rows])
+        self._cache, self._mask = out.past_key_values, mask
+        self.stats["steps"] += 1
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
+        logits = out.logits[:, -1]
+        for i, row in enumerate(rows):
+            row.length += 1
+            self._accept(row, logits[i])
+        self._leave([r for r in rows if r.done])
+
+    def _forward(self, ids, mask, positions, cache, routes: list[str]):
+        kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": True, "logits_to_keep": 1}
+        if positions is not None:
+            kwargs["position_ids"] = positions
+        if cache is not None:
+            kwargs["past_key_values"] = cache
+        if self.registry.has_adapters:
+            kwargs["adapter_names"] = routes
+        return self.model(**kwargs)
+
+    # ------------------------------------------------------------------ rows
+
+    def _accept(self, row: _Row, logits) -> None:
+        """Sample the row's next token, send its text, end it if it is done."""
+        token = self._sample(row, logits)
+        if token is None:
+            return
+        row.generated.append(token)
+        row.last = token
+        piece = row.text.add(token)
+        if piece:
+            row.job.send(Event("text", text=piece))
+        if token in row.job.served.eos_ids or row.text.stopped:
+            self._finish(row, "stop")
+        elif len(row.generated) >= row.job.sampling.max_tokens:
+            self._finish(row, "length")
+
+    def _sample(self, row: _Row, logits) -> int | None:
+        import torch
+
+        logits = logits.float()
+        if torch.isnan(logits).any() or torch.isposinf(logits).any() or not torch.isfinite(logits).any():
+            # what FiniteLogits stops `lora generate` for: a broken adapter or overflowing weights
+            what = "the adapter's" if row.job.served.route != "__base__" else "the model's"
+            row.job.send(Event("error", text=f"{what} outputs are not finite (NaN or inf)", status=500))
+            row.done = True
+            return None
+        sampling = row.job.sampling
+        if sampling.temperature == 0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits / sampling.temperature, dim=-1)
+        if sampling.top_p < 1:
+            # keep the smallest set of likeliest tokens whose probability reaches top_p
+            sorted_probs, order = torch.sort(probs, descending=True)
+            drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs > sampling.top_p
+            probs = probs.clone()
+            probs[order[drop]] = 0
+        return int(torch.multinomial(probs, 1, generator=row.generator))
+
+    def _finish(self, row: _Row, reason: str) -> None:
+        rest = row.text.finish()
+        if rest:
+            row.job.send(Event("text", text=rest))
+        row.job.send(Event("done", finish_reason=reason, prompt_tokens=len(row.job.prompt_ids),
+                           completion_tokens=len(row.generated)))
+        row.done = True
+        self.stats["finished"] += 1
+
+    def _fail_all(self, error: Exception) -> None:
+        message = "out of memory" if is_out_of_memory(error) else f"{type(error).__name__}: {first_line(error, 200)}"
+        for row in self._rows:
+            row.job.send(Event("error", text=f"generation failed: {message}", status=500))
+        self._rows, self._cache, self._mask = [], None, None
+
+    # ------------------------------------------------------------------ the batch's cache
+
+    def _join(self, row: _Row, cache) -> None:
+        """Append a prefilled row's cache to the batch's, left-padding the shorter of the two."""
+        import torch
+
+        length = row.length
+        row_mask = torch.ones(1, length, dtype=torch.long, device=next(self.model.parameters()).device)
+        if self._cache is None:
+            self._cache, self._mask, self._rows = cache, row_mask, [row]
+            return
+        width = max(self._mask.shape[1], length)
+        for layer, new in zip(self._cache.layers, cache.layers):
+            layer.keys = torch.cat([_left_pad(layer.keys, width), _left_pad(new.keys, width)], dim=0)
+            layer.values = torch.cat([_left_pad(layer.values, width), _left_pad(new.values, width)], dim=0)
+        self._mask = torch.cat([_left_pad_mask(self._mask, width), _left_pad_mask(row_mask, width)], dim=0)
+        self._rows.append(row)
+
+    def _leave(self, gone: list[_Row], *, cancelled: bool = False) -> None:
+        """Rows out of the batch (and of its cache); padding no remaining row needs is cut off."""
+        import torch
+
+        if not gone:
+            return
+        if cancelled:
+            self.stats["cancelled"] += len(gone)
+        leaving = {id(r) for r in gone}
+        keep = [i for i, r in enumerate(self._rows) if id(r) not in leaving]
+        if not keep:
+            self._rows, self._cache, self._mask = [], None, None
+            return
+        index = torch.tensor(keep, device=self._mask.device)
+        mask = self._mask.index_select(0, index)
+        start = int((mask.sum(0) > 0).nonzero()[0])  # the first column some row still uses
+        for layer in self._cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+        self._mask = mask[:, start:]
+        self._rows = [self._rows[i] for i in keep]
+
+
+def _left_pad(tensor, width: int):
+    import torch
+
+    missing = width - tensor.shape[-2]
+    if missing <= 0:
+        return tensor
+    shape = (*tensor.shape[:-2], missing, tensor.shape[-1])
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=-2)
+
+
+def _left_pad_mask(mask, width: int):
+    import torch
+
+    missing = width - mask.shape[1]
+    if missing <= 0:
+        return mask
+    return torch.cat([mask.new_zeros(mask.shape[0], missing), mask], dim=1)
