@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 # the CUDA build of the same version from PyPI, or pass their own: make setup TORCH="torch==2.9.1".
 TORCH ?= torch==2.13.0
 
-.PHONY: setup lint test test-fast quickstart tiny-models bench clean
+.PHONY: setup lint test test-fast quickstart tiny-models bench clean llama-cpp
 
 setup: $(VENV)/.installed
 
@@ -58,6 +58,26 @@ test: lint
 
 test-fast: lint
 	$(PY) -m pytest -q -m "not slow"
+
+# llama.cpp, for the tests and benchmarks that run exported GGUF files in it (they skip without it):
+# its Python binding, compiled from source (~6 min on 2 cores), and llama-quantize for k-quants
+# (another ~6 min), built from the same llama.cpp sources into build/llama.cpp/bin.
+LLAMA_CPP_PYTHON ?= 0.3.36
+LLAMA_CPP_BIN := build/llama.cpp/bin
+llama-cpp: setup
+	$(PY) -m pip show -q llama-cpp-python >/dev/null 2>&1 || \
+		CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install -q --disable-pip-version-check "llama-cpp-python==$(LLAMA_CPP_PYTHON)"
+	@if [ ! -x $(LLAMA_CPP_BIN)/llama-quantize ]; then \
+		set -e; rm -rf build/llama.cpp/src && mkdir -p build/llama.cpp/src $(LLAMA_CPP_BIN); \
+		$(PY) -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: \
+			"llama-cpp-python==$(LLAMA_CPP_PYTHON)" -d build/llama.cpp/src; \
+		tar xzf build/llama.cpp/src/llama_cpp_python-*.tar.gz -C build/llama.cpp/src; \
+		src=$$(ls -d build/llama.cpp/src/llama_cpp_python-*/vendor/llama.cpp); \
+		cmake -S $$src -B build/llama.cpp/build -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+			-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=OFF >/dev/null; \
+		cmake --build build/llama.cpp/build --target llama-quantize -j2 >/dev/null; \
+		cp build/llama.cpp/build/bin/llama-quantize $(LLAMA_CPP_BIN)/; \
+		rm -rf build/llama.cpp/src build/llama.cpp/build; fi
 
 tiny-models: setup
 	$(PY) scripts/make_tiny_models.py build/tiny-models

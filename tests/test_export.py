@@ -22,7 +22,11 @@ from tests.gotemplate import render_ollama
 from tests.helpers import chat_rows, completion_rows, lora_in_process, train_tiny_run
 
 lora = lora_in_process
+REPO = Path(__file__).resolve().parent.parent
 LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+# `make llama-cpp` builds it here; one on PATH serves as well
+LLAMA_QUANTIZE = shutil.which("llama-quantize") or next(
+    (str(p) for p in [REPO / "build" / "llama.cpp" / "bin" / "llama-quantize"] if p.is_file()), None)
 needs_llama_cpp = pytest.mark.skipif(
     not LLAMA_CPP, reason="llama.cpp not installed (pip install llama-cpp-python; see docs/export.md)")
 
@@ -273,6 +277,84 @@ def test_llama_cpp_generates_what_lora_generate_does(runs, arch, tmp_path):
     ref = logits_of(merged, ids).numpy()
     assert np.abs(got - ref).max() < 0.02 * np.abs(ref).max()
     assert np.abs(logits_of(base.eval(), ids).numpy() - ref).max() > 0.5  # the adapter matters
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "llama3-rope"])
+def test_other_llama_family_models(arch, tmp_path):
+    """Qwen2 (q/k/v biases, half-split RoPE kept as it is, tied embeddings), Mistral (GGUF llama) and a
+    Llama with Llama 3.1's RoPE scaling (the rope_freqs tensor): written, read back by transformers
+    (and run by llama.cpp where installed) with the logits of the model itself."""
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    from lora_cli.export.chat_formats import detect_chat_format
+    from lora_cli.export.gguf_files import write_model_gguf
+    from lora_cli.export.verify import check_model_gguf
+    from tests.tiny import CHATML_TEMPLATE, INIT_RANGE, train_tokenizer
+
+    tokenizer = train_tokenizer(chat_template=CHATML_TEMPLATE)
+    shape = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                 initializer_range=INIT_RANGE, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    if arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**shape, tie_word_embeddings=True))
+        with torch.no_grad():  # random biases, so a dropped or misplaced one shows
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    elif arch == "mistral":
+        model = MistralForCausalLM(MistralConfig(**shape, tie_word_embeddings=False))
+    else:
+        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+        model = LlamaForCausalLM(LlamaConfig(**shape, rope_parameters=rope))
+    directory = tmp_path / arch
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    path = tmp_path / f"{arch}.gguf"
+    write_model_gguf(path, model, tokenizer, directory, "f16", name=arch, chat=detect_chat_format(tokenizer),
+                     description="test")
+    check = check_model_gguf(path, model.eval(), tokenizer, "f16")
+    assert check.max_diff < 0.02 * check.scale
+    fields = gguf_fields(path)
+    assert fields["general.architecture"] == ("qwen2" if arch == "qwen2" else "llama")
+    if arch == "llama3-rope":
+        import gguf
+
+        assert "rope_freqs.weight" in {t.name for t in gguf.GGUFReader(path).tensors}
+    if LLAMA_CPP:
+        import numpy as np
+        from llama_cpp import Llama
+
+        ids = tokenizer("once upon a time there was a tiny model that learned to count")["input_ids"]
+        llm = Llama(model_path=str(path), verbose=False, n_ctx=128, logits_all=True)
+        llm.eval(ids)
+        got = np.array(llm.scores[: len(ids)])
+        llm.close()
+        ref = logits_of(model, ids).numpy()
+        assert np.abs(got - ref).max() < 0.03 * np.abs(ref).max()
+
+
+@pytest.mark.skipif(LLAMA_QUANTIZE is None, reason="llama-quantize not built (make llama-cpp)")
+def test_k_quants_go_through_llama_quantize(runs, tmp_path, monkeypatch):
+    """q4_k_m: our f16 file quantized by llama.cpp's own tool, then checked like every export (the
+    tiny model's 64-wide rows are below k-quants' 256: llama-quantize picks its fallback types)."""
+    import gguf
+
+    monkeypatch.setenv("PATH", f"{Path(LLAMA_QUANTIZE).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    run = copy_run(runs["llama"], tmp_path)
+    result = run_export(run, quant="q4_k_m")
+    path = Path(result.output)
+    assert path.name.endswith("-q4_k_m.gguf") and result.check["kl"] <= 1.0
+    assert gguf_fields(path)["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    assert not list(path.parent.glob("*.f16.gguf"))  # the intermediate file is gone
 
 
 # --------------------------------------------------------------------------- bad input

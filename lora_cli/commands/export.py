@@ -74,6 +74,9 @@ def run(
     model_shape(base_config)  # an unsupported architecture says so before any work
     if adapter_only:
         check_adapter_config(paths.adapter, base_config)
+    # The Modelfile first (from the adapter's tokenizer, which the merged model keeps): a chat
+    # format Ollama cannot be given is said before the merge, not after it.
+    text = _modelfile_text(paths, recipe, base_config) if format == "ollama" else None
 
     quiet_libraries()
     # With --json, stdout carries the result alone; the merge's report goes to stderr with ours.
@@ -81,7 +84,7 @@ def run(
         if adapter_only:
             result = _export_adapter(paths, recipe, output, quant)
         else:
-            result = _export_model(paths, recipe, output, format, quant, binary)
+            result = _export_model(paths, recipe, output, format, quant, binary, text)
     if as_json:
         sys.stdout.write(json.dumps(asdict(result), indent=2) + "\n")
     else:
@@ -187,7 +190,17 @@ def merged_model_dir(paths: RunPaths):
     yield paths.merged
 
 
-def _export_model(paths: RunPaths, recipe, output: Path, format: str, quant: str, binary: str | None) -> ExportResult:
+def _modelfile_text(paths: RunPaths, recipe, base_config) -> str:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(paths.adapter)
+    return modelfile("model.gguf", detect_chat_format(tokenizer), chat_trained=trained_on_chat(paths, recipe),
+                     system_prompt=recipe.data.system_prompt, context=model_context(base_config),
+                     run_name=paths.root.resolve().name, base=recipe.model.name)
+
+
+def _export_model(paths: RunPaths, recipe, output: Path, format: str, quant: str, binary: str | None,
+                  text: str | None) -> ExportResult:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -196,21 +209,18 @@ def _export_model(paths: RunPaths, recipe, output: Path, format: str, quant: str
         model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
         model.eval()
         chat = detect_chat_format(tokenizer)
-        chat_trained = trained_on_chat(paths, recipe)
         name = paths.root.resolve().name
-        base = load_base_model(_full_precision(recipe.model), resolve_model_source(recipe.model))
         written_to = output / "model.gguf" if format == "ollama" else output
         info(f"writing {written_to} ({quant}) and checking it against the merged model ...")
         with _atomic_output(output, format) as target:
             gguf_path = target / "model.gguf" if format == "ollama" else target
             _write_model(gguf_path, model, tokenizer, merged_dir, quant, binary, name=name, chat=chat,
                          description=f"LoRA fine-tune of {recipe.model.name} (lora run {name})")
-            check = check_model_gguf(gguf_path, model, tokenizer, quant, base=base)
-            text = None
-            if format == "ollama":
-                text = modelfile(gguf_path.name, chat, chat_trained=chat_trained,
-                                 system_prompt=recipe.data.system_prompt, context=model_context(model.config),
-                                 run_name=name, base=recipe.model.name)
+            # (the base is passed, not kept here: the check frees it before reading the file back)
+            base = _full_precision(recipe.model)
+            check = check_model_gguf(gguf_path, model, tokenizer, quant,
+                                     base=load_base_model(base, resolve_model_source(base)))
+            if text is not None:
                 (target / "Modelfile").write_text(text, encoding="utf-8")
             size = gguf_path.stat().st_size
     print(f"check: {check.describe()}", file=sys.stderr)

@@ -86,7 +86,7 @@ def run(argv: list[str], env: dict) -> tuple[str, float]:
     return proc.stdout, seconds
 
 
-def make_run(env: dict, dtype: str, model_config: Path | None) -> tuple[Path, str]:
+def make_run(env: dict, dtype: str, model_config: Path | None, name: str = "inference-run") -> tuple[Path, str]:
     import yaml
 
     from lora_cli.model.sources import resolve_model_source
@@ -98,8 +98,8 @@ def make_run(env: dict, dtype: str, model_config: Path | None) -> tuple[Path, st
         model = random_model(model_config.resolve(), None, WORK, seed=0)
     else:
         model = resolve_model_source(ModelConfig(name="smollm2-135m-instruct")).location
-    out = WORK / "inference-run"
-    recipe = WORK / "inference-recipe.yaml"
+    out = WORK / name
+    recipe = WORK / f"{name}-recipe.yaml"
     recipe.parent.mkdir(parents=True, exist_ok=True)
     recipe.write_text(
         yaml.safe_dump(
