@@ -94,3 +94,4 @@ bench: setup
 	$(PY) scripts/bench/allocator.py
 	$(PY) scripts/bench/precision.py
 	$(PY) scripts/bench/serve.py --model quickstart
+	$(PY) scripts/bench/export.py

@@ -169,6 +169,23 @@ def test_a_mixed_batch_of_8_answers_each_as_generate_alone(client, runs, server)
         answers = list(pool.map(ask, asks))
     assert answers == expected
     assert server["engine"].stats["largest_batch"] >= max(before, 3)  # they really shared forward passes
+    assert server["engine"]._router is not None  # through the stacked LoRA layers (serving/stacked_lora.py)
+
+
+def test_stacked_lora_layer_equals_peft_mixed_batch(server):
+    """One layer, rows on different adapters and the base: the stacked forward gives peft's own
+    mixed-batch output."""
+    import torch
+    from peft.tuners.lora.layer import Linear
+
+    model = server["registry"].model
+    layer = next(m for m in model.modules() if isinstance(m, Linear))
+    routes = [s.route for s in server["registry"].served.values()]
+    x = torch.randn(len(routes), 3, layer.in_features, generator=torch.Generator().manual_seed(0))
+    ours = layer(x, adapter_names=routes)
+    peft = type(layer)._mixed_batch_forward(layer, x, adapter_names=routes)
+    assert len(set(routes)) >= 3 and torch.allclose(ours, peft, atol=1e-5)
+    assert not torch.allclose(ours[0], layer.base_layer(x)[0])  # the adapter row really differs
 
 
 def test_gpt2_rows_of_different_lengths_decode_as_alone(runs):
