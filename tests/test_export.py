@@ -417,6 +417,15 @@ def test_unsupported_architecture_and_dora_are_refused(runs, tmp_path, monkeypat
     assert code == EXIT_USAGE and "DoRA" in err and "drop --adapter-only" in err
     assert not (run / "export").exists()
 
+    # a pre-tokenizer llama.cpp does not implement: said before the merge, not guessed
+    run = copy_run(runs["llama"], tmp_path / "pre")
+    spec = json.loads((run / "adapter" / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {"type": "Whitespace"}
+    (run / "adapter" / "tokenizer.json").write_text(json.dumps(spec))
+    code, _, err = lora(monkeypatch, capsys, "export", run)
+    assert code == EXIT_USAGE and "llama.cpp has no pre-tokenizer matching" in err
+    assert not (run / "merged").exists() and not (run / "export").exists()
+
 
 def test_a_failed_check_or_a_nan_adapter_leaves_nothing(runs, tmp_path, monkeypatch, capsys):
     from safetensors.torch import load_file, save_file

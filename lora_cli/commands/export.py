@@ -27,6 +27,7 @@ from lora_cli.export.merge import merge_run
 from lora_cli.export.ollama import modelfile
 from lora_cli.export.quant_types import DEFAULT_QUANT, K_QUANTS, WRITTEN_HERE, all_quants
 from lora_cli.export.verify import check_adapter_gguf, check_model_gguf
+from lora_cli.export.vocab import check_tokenizer
 from lora_cli.fsutil import atomic_directory, atomic_file, cannot_write_in
 from lora_cli.model.adapters import load_adapter
 from lora_cli.model.facts import load_model_config, model_context
@@ -74,6 +75,8 @@ def run(
     model_shape(base_config)  # an unsupported architecture says so before any work
     if adapter_only:
         check_adapter_config(paths.adapter, base_config)
+    else:
+        check_tokenizer(paths.adapter)  # the adapter keeps the tokenizer the merged model gets
     # The Modelfile first (from the adapter's tokenizer, which the merged model keeps): a chat
     # format Ollama cannot be given is said before the merge, not after it.
     text = _modelfile_text(paths, recipe, base_config) if format == "ollama" else None

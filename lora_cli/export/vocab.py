@@ -62,6 +62,12 @@ def write_vocab(writer, tokenizer, model_dir: Path, vocab_size: int, chat: Detec
     return VocabFacts(pre, len(tokens), add_bos, end_of_turn)
 
 
+def check_tokenizer(model_dir: Path) -> str:
+    """llama.cpp's name for the pre-tokenizer of the tokenizer saved in `model_dir`; exit 2 (before
+    any work) for a tokenizer GGUF export cannot write."""
+    return pre_tokenizer_name(_tokenizer_json(model_dir))
+
+
 def _tokenizer_json(model_dir: Path) -> dict:
     path = model_dir / "tokenizer.json"
     try:

@@ -1,10 +1,11 @@
 """Continuous batching: every request in flight is decoded in one forward pass per step, each row
-through its own adapter (peft's mixed-adapter batches: `adapter_names=`, "__base__" for the base).
+through its own adapter (stacked_lora.py for a mix, "__base__" for the base).
 
-One thread owns the model. A new request is prefilled on its own (exactly the prefill `lora
-generate` does, so its first token is the same) and its KV cache joins the running batch between
-two steps, left-padded to the batch's length: the attention mask hides the padding, and each row
-carries its own position ids, so a row decodes as it would alone. A row leaves the batch when it
+One thread owns the model. The requests waiting when the engine looks are prefilled together, in
+one forward pass (left-padded, each with its own position ids and adapter), and their KV caches
+join the running batch between two steps, left-padded to the batch's length: the attention mask
+hides the padding, and each row carries its own position ids, so a row decodes as it would alone
+(its greedy tokens are `lora generate`'s: tested). A row leaves the batch when it
 ends (EOS, a stop string, max_tokens) or its client goes away; padding that no row needs any
 more is cut off. Each row samples with its own temperature, top_p and seeded generator, so a
 seeded answer does not depend on what else is in the batch.
@@ -140,41 +141,54 @@ class Engine:
         self.stats.update(active=0, queued=0)
 
     def _admit(self, *, block: bool) -> None:
+        """Take the requests waiting now (up to the batch's room) and read their prompts together."""
         room = self.max_batch - len(self._rows)
-        while room > 0:
+        jobs = []
+        while len(jobs) < room:
             try:
                 job = self._incoming.get(timeout=0.2) if block else self._incoming.get_nowait()
             except queue.Empty:
-                return
+                break
             block = False
             if job is None or job.cancelled:
                 if job is not None:
                     self.stats["cancelled"] += 1
                 continue
-            try:
-                if self._prefill(job):
-                    room -= 1
-            except Exception as e:
+            jobs.append(job)
+        if not jobs:
+            return
+        try:
+            self._prefill(jobs)
+        except Exception as e:
+            for job in jobs:
                 if is_out_of_memory(e):
                     job.send(Event("error", text="out of memory while reading the prompt", status=503))
                 else:
                     job.send(Event("error", text=f"generation failed: {type(e).__name__}: {first_line(e, 200)}"))
 
-    def _prefill(self, job: Job) -> bool:
-        """Run the prompt alone, sample its first token, join the batch (True) unless already done."""
+    def _prefill(self, jobs: list[Job]) -> None:
+        """Run the prompts in one forward pass (left-padded, each with its own positions and
+        adapter), sample each first token, and join the batch with the rows not already done."""
         import torch
 
         device = next(self.model.parameters()).device
-        ids = torch.tensor([job.prompt_ids], device=device)
-        out = self._forward(ids, torch.ones_like(ids), None, None, [job.served.route])
-        seed = job.sampling.seed if job.sampling.seed is not None else random.randrange(2**63)
-        row = _Row(job, TextStream(job.served.tokenizer, job.sampling.stop),
-                   torch.Generator(device=device).manual_seed(seed), length=len(job.prompt_ids))
-        self._accept(row, out.logits[0, -1])
-        if row.done:
-            return False
-        self._join(row, out.past_key_values)
-        return True
+        width = max(len(job.prompt_ids) for job in jobs)
+        ids = torch.zeros(len(jobs), width, dtype=torch.long, device=device)
+        mask = torch.zeros(len(jobs), width, dtype=torch.long, device=device)
+        for i, job in enumerate(jobs):
+            ids[i, width - len(job.prompt_ids):] = torch.tensor(job.prompt_ids, device=device)
+            mask[i, width - len(job.prompt_ids):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self._forward(ids, mask, positions, None, [job.served.route for job in jobs])
+        rows = []
+        for i, job in enumerate(jobs):
+            seed = job.sampling.seed if job.sampling.seed is not None else random.randrange(2**63)
+            row = _Row(job, TextStream(job.served.tokenizer, job.sampling.stop),
+                       torch.Generator(device=device).manual_seed(seed), length=len(job.prompt_ids))
+            self._accept(row, out.logits[i, -1])
+            rows.append(row)
+        self._join(rows, out.past_key_values, mask)
+        self._leave([row for row in rows if row.done])
 
     def _step(self) -> None:
         """One token for every row, in one forward pass."""
@@ -276,21 +290,19 @@ class Engine:
 
     # ------------------------------------------------------------------ the batch's cache
 
-    def _join(self, row: _Row, cache) -> None:
-        """Append a prefilled row's cache to the batch's, left-padding the shorter of the two."""
+    def _join(self, rows: list[_Row], cache, mask) -> None:
+        """Append prefilled rows' cache to the batch's, left-padding the narrower of the two."""
         import torch
 
-        length = row.length
-        row_mask = torch.ones(1, length, dtype=torch.long, device=next(self.model.parameters()).device)
         if self._cache is None:
-            self._cache, self._mask, self._rows = cache, row_mask, [row]
+            self._cache, self._mask, self._rows = cache, mask, list(rows)
             return
-        width = max(self._mask.shape[1], length)
+        width = max(self._mask.shape[1], mask.shape[1])
         for layer, new in zip(self._cache.layers, cache.layers):
             layer.keys = torch.cat([_left_pad(layer.keys, width), _left_pad(new.keys, width)], dim=0)
             layer.values = torch.cat([_left_pad(layer.values, width), _left_pad(new.values, width)], dim=0)
-        self._mask = torch.cat([_left_pad_mask(self._mask, width), _left_pad_mask(row_mask, width)], dim=0)
-        self._rows.append(row)
+        self._mask = torch.cat([_left_pad_mask(self._mask, width), _left_pad_mask(mask, width)], dim=0)
+        self._rows.extend(rows)
 
     def _leave(self, gone: list[_Row], *, cancelled: bool = False) -> None:
         """Rows out of the batch (and of its cache); padding no remaining row needs is cut off."""
