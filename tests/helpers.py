@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from lora_cli.recipe.load import recipe_from_dict
@@ -93,6 +94,14 @@ def train_tiny_run(tmp: Path, name: str, model_dir: Path, rows: list[dict], **se
     data = write_jsonl(tmp / f"{name}.jsonl", rows)
     recipe = tiny_recipe(model_dir, data, tmp / "runs" / name, **sections)
     return run_training(recipe, recipe_path=None, resume=False, overwrite=False).paths.root
+
+
+def copy_run(run: Path, cwd: Path) -> Path:
+    """A private copy of a run under cwd/runs (tests that write into the run use one), without
+    what commands write there later (checkpoints aside, which no such test needs)."""
+    target = cwd / "runs" / run.name
+    shutil.copytree(run, target, ignore=shutil.ignore_patterns("checkpoints", "merged", "export"))
+    return target
 
 
 def without_cpu_bf16_repacking(model):

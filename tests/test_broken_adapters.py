@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lora_cli.errors import EXIT_RUNTIME, EXIT_USAGE
-from tests.helpers import completion_rows, lora_in_process, train_tiny_run
+from tests.helpers import completion_rows, copy_run, lora_in_process, train_tiny_run
 
 lora = lora_in_process  # the CLI in-process (tests/helpers.py)
 SHORT = {"max_steps": 4, "save_every": 1000, "eval_every": 1000}
@@ -25,11 +25,6 @@ def runs(tmp_path_factory, tiny_gpt2, tiny_llama):
         "llama": train_tiny_run(tmp, "llama", tiny_llama, completion_rows(), train=SHORT),
     }
 
-
-def copy_run(run: Path, tmp: Path) -> Path:
-    target = tmp / "runs" / run.name
-    shutil.copytree(run, target, ignore=shutil.ignore_patterns("checkpoints", "merged"))
-    return target
 
 
 def commands(run: Path) -> list[list]:

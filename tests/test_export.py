@@ -6,6 +6,7 @@ input is refused before any work. With llama-cpp-python installed, llama.cpp its
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -18,8 +19,9 @@ import torch
 
 from lora_cli.commands.export import run as run_export
 from lora_cli.errors import EXIT_RUNTIME, EXIT_USAGE
+from lora_cli.export.verify import load_gguf_model
 from tests.gotemplate import render_ollama
-from tests.helpers import chat_rows, completion_rows, lora_in_process, train_tiny_run
+from tests.helpers import chat_rows, completion_rows, copy_run, lora_in_process, train_tiny_run
 
 lora = lora_in_process
 REPO = Path(__file__).resolve().parent.parent
@@ -56,20 +58,6 @@ def runs(tmp_path_factory, tiny_gpt2, tiny_llama):
     }
 
 
-def copy_run(run: Path, cwd: Path) -> Path:
-    target = cwd / "runs" / run.name
-    shutil.copytree(run, target, ignore=shutil.ignore_patterns("checkpoints", "export"))
-    return target
-
-
-def load_gguf(path: Path):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    if config.model_type == "gpt2":  # transformers reads gpt2.context_length into n_ctx only
-        config.n_positions = config.n_ctx
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=config, dtype=torch.float32)
-    return model.eval(), AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
 def gguf_fields(path: Path) -> dict:
@@ -102,7 +90,7 @@ def test_gguf_reads_back_as_the_merged_model(runs, arch, quant, tmp_path):
     assert (run / "merged" / "lora_merge.json").is_file()  # merged first, as `lora merge` does
     merged = AutoModelForCausalLM.from_pretrained(run / "merged", dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(run / "merged")
-    exported, read_tokenizer = load_gguf(path)
+    exported, read_tokenizer = load_gguf_model(path)  # transformers' GGUF loader, its gaps bridged
 
     sentence = "Define: fox\nA quick brown animal. Define: paris"
     ids = tokenizer(sentence)["input_ids"]
@@ -243,7 +231,7 @@ def test_llama_cpp_generates_what_lora_generate_does(runs, arch, tmp_path):
     adapter_file = Path(run_export(run, adapter_only=True).output)
     prompt = "Define: paris" if arch == "llama" else "Define: fox\n"
     out = run_generate(prompt, model=str(run / "merged"), temperature=0, max_new_tokens=12, stream=False,
-                       chat=arch == "llama", stdout=open(os.devnull, "w"))
+                       chat=arch == "llama", stdout=io.StringIO())
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(run / "merged")

@@ -15,7 +15,14 @@ import torch
 
 from lora_cli.commands.merge import run as run_merge
 from lora_cli.errors import EXIT_RUNTIME, EXIT_USAGE, MergeError, RunDirError
-from tests.helpers import chat_rows, completion_rows, lora_in_process, train_tiny_run, without_cpu_bf16_repacking
+from tests.helpers import (
+    chat_rows,
+    completion_rows,
+    copy_run,
+    lora_in_process,
+    train_tiny_run,
+    without_cpu_bf16_repacking,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 lora = lora_in_process  # the CLI in-process (tests/helpers.py)
@@ -35,12 +42,6 @@ def runs(tmp_path_factory, tiny_gpt2, tiny_llama):
         "llama": tiny_llama,
     }
 
-
-def copy_run(run: Path, cwd: Path) -> Path:
-    """A private copy of a run under cwd/runs (tests that write into the run use one)."""
-    target = cwd / "runs" / run.name
-    shutil.copytree(run, target, ignore=shutil.ignore_patterns("checkpoints", "merged"))
-    return target
 
 
 def probe_ids(model_dir: Path) -> torch.Tensor:

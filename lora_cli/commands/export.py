@@ -23,12 +23,12 @@ from lora_cli.export.architectures import model_shape
 from lora_cli.export.chat_formats import detect_chat_format
 from lora_cli.export.gguf_files import check_adapter_config, write_adapter_gguf, write_model_gguf
 from lora_cli.export.kquants import quantize_with_llama_cpp, require_llama_quantize
-from lora_cli.export.merge import merge_run
+from lora_cli.export.merge import check_can_create, full_precision, merge_run
 from lora_cli.export.ollama import modelfile
 from lora_cli.export.quant_types import DEFAULT_QUANT, K_QUANTS, WRITTEN_HERE, all_quants
 from lora_cli.export.verify import check_adapter_gguf, check_model_gguf
 from lora_cli.export.vocab import check_tokenizer
-from lora_cli.fsutil import atomic_directory, atomic_file, cannot_write_in
+from lora_cli.fsutil import atomic_directory, atomic_file
 from lora_cli.model.adapters import load_adapter
 from lora_cli.model.facts import load_model_config, model_context
 from lora_cli.model.loading import load_base_model
@@ -146,13 +146,7 @@ def check_output(output: Path, paths: RunPaths, format: str, *, overwrite: bool)
             raise ExportError(f"{output} is not an earlier `lora export` output; refusing to replace it",
                               "--overwrite replaces only a GGUF file or an Ollama directory lora wrote: "
                               "choose another -o.")
-    parent = Path(output).absolute().parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    problem = cannot_write_in(parent) if parent.is_dir() else NotADirectoryError(f"{parent} is a file")
-    if problem is not None:
-        raise ExportError(f"cannot write --output {output}: {getattr(problem, 'strerror', None) or problem}",
-                          "Choose a directory you can write to with -o.")
+    check_can_create(output, "the export")
 
 
 def _written_by_export(path: Path) -> bool:
@@ -220,7 +214,7 @@ def _export_model(paths: RunPaths, recipe, output: Path, format: str, quant: str
             _write_model(gguf_path, model, tokenizer, merged_dir, quant, binary, name=name, chat=chat,
                          description=f"LoRA fine-tune of {recipe.model.name} (lora run {name})")
             # (the base is passed, not kept here: the check frees it before reading the file back)
-            base = _full_precision(recipe.model)
+            base = full_precision(recipe.model)
             check = check_model_gguf(gguf_path, model, tokenizer, quant,
                                      base=load_base_model(base, resolve_model_source(base)))
             if text is not None:
@@ -230,12 +224,6 @@ def _export_model(paths: RunPaths, recipe, output: Path, format: str, quant: str
     if check.warning():
         info(f"warning: {check.warning()}")
     return ExportResult(str(paths.root), format, quant, str(written_to), size, False, asdict(check), text)
-
-
-def _full_precision(model_cfg):
-    import dataclasses
-
-    return dataclasses.replace(model_cfg, quantization="none", dtype="float32")
 
 
 @contextlib.contextmanager
@@ -266,7 +254,7 @@ def _write_model(path: Path, model, tokenizer, model_dir: Path, quant: str, bina
 
 def _export_adapter(paths: RunPaths, recipe, output: Path, quant: str) -> ExportResult:
     source = resolve_model_source(recipe.model)
-    base = load_base_model(_full_precision(recipe.model), source)
+    base = load_base_model(full_precision(recipe.model), source)
     shape = model_shape(base.config)
     info(f"writing the adapter {output} ({quant}) and checking it against PEFT's delta weights ...")
     with atomic_file(output, suffix=".gguf") as tmp:

@@ -101,8 +101,7 @@ def merge_run(
     trained_logits, probes, dequantized = (None, None, None)
     if onto:  # QLoRA: what the quantized base + adapter computed, as trained
         trained_logits, probes, dequantized = _as_trained(recipe, source, paths, tokenizer, onto)
-    full = dataclasses.replace(recipe.model, quantization="none", dtype="float32")
-    base = load_base_model(full, source)
+    base = load_base_model(full_precision(recipe.model), source)
     if dequantized is not None:
         load_dequantized(base, dequantized)
         info(f"dequantized {len(dequantized)} {quantization} layers to float32: the weights the adapter was trained on")
@@ -161,6 +160,11 @@ def merge_run(
                                                  scale, card, marker)
     print(f"merged model saved to {output} ({out_dtype})")
     return MergeResult(output, out_dtype, onto, diff, saved_diff, saved_tolerance)
+
+
+def full_precision(model_cfg):
+    """The recipe's model section for its base in float32, not quantized: what merging folds into."""
+    return dataclasses.replace(model_cfg, quantization="none", dtype="float32")
 
 
 def _as_trained(recipe, source, paths: RunPaths, tokenizer, onto: str):
@@ -323,17 +327,17 @@ def check_output(output: Path, paths, *, overwrite: bool, base_dir: Path | None 
         )
 
 
-def check_can_create(output: Path) -> None:
+def check_can_create(output: Path, what: str = "the merged model") -> None:
     """Refuse, before any work, an --output that could not be written: a file on its path, a
-    directory without write permission, a read-only or special file system. The merged model is
-    written beside the target first (fsutil.atomic_directory), so that is where we try."""
+    directory without write permission, a read-only or special file system. Outputs are written
+    beside the target first (fsutil.atomic_directory / atomic_file), so that is where we try."""
     parent = Path(os.path.abspath(output)).parent
     while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
         raise RunDirError(
             f"cannot write --output {output}: {parent} is a file, not a directory",
-            "Name a directory for the merged model whose parents are directories (or do not exist yet).",
+            f"Name a place for {what} whose parents are directories (or do not exist yet).",
         )
     problem = cannot_write_in(parent, output.name or "merged")
     if problem is not None:

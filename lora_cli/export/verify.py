@@ -28,6 +28,7 @@ from pathlib import Path
 
 from lora_cli.errors import ExportCheckFailed
 from lora_cli.export.architectures import ModelShape, gguf_name, rope_parameters, tensor_name_map, to_gguf_layout
+from lora_cli.model.gguf_cache import quiet_gguf_progress_bar
 from lora_cli.model.merging import TOLERANCE, logit_scale, max_abs_diff, probe_inputs, probe_logits
 
 
@@ -95,7 +96,7 @@ def load_gguf_model(path: Path, rope_from=None):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    _quiet_gguf_progress_bar()
+    quiet_gguf_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -112,17 +113,6 @@ def load_gguf_model(path: Path, rope_from=None):
         raise ExportCheckFailed(f"transformers cannot read the written GGUF file back: {e}; nothing was saved",
                                 "Please report this model and quant type.") from None
     return model, tokenizer
-
-
-def _quiet_gguf_progress_bar() -> None:
-    """transformers' GGUF loader draws a per-tensor bar with plain tqdm, which its own switch
-    (disable_progress_bar) does not reach, and TQDM_DISABLE is read when tqdm is first imported."""
-    import functools
-
-    import transformers.modeling_gguf_pytorch_utils as gguf_loading
-    from tqdm.auto import tqdm
-
-    gguf_loading.tqdm = functools.partial(tqdm, disable=True)
 
 
 def check_model_gguf(path: Path, reference, tokenizer, quant: str, base=None) -> ModelCheck:

@@ -79,6 +79,17 @@ def _check_writable(directory: Path) -> None:
                          "Set LORA_CACHE_DIR to a writable directory.") from None
 
 
+def quiet_gguf_progress_bar() -> None:
+    """transformers' GGUF loader draws a per-tensor bar with plain tqdm, which its own switch
+    (disable_progress_bar) does not reach, and TQDM_DISABLE is read only when tqdm is imported."""
+    import functools
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_loading
+    from tqdm.auto import tqdm
+
+    gguf_loading.tqdm = functools.partial(tqdm, disable=True)
+
+
 def convert_gguf(gguf: Path) -> Path:
     """The safetensors model directory for `gguf`, converted on first use."""
     target = converted_gguf_dir(gguf)
@@ -91,7 +102,7 @@ def convert_gguf(gguf: Path) -> Path:
 
     _check_writable(target.parent)
     print(f"converting {gguf.name} to safetensors (once, ~30 s; cached in {target})", flush=True)
-    os.environ["TQDM_DISABLE"] = "1"  # transformers' per-tensor bar uses plain tqdm
+    quiet_gguf_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)

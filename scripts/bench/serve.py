@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -31,15 +30,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-WORK = ROOT / "build" / "bench"
-THREADS = 2
+sys.path.insert(0, str(ROOT / "scripts" / "bench"))
+from inference import THREADS, WORK, lora_command  # noqa: E402
+from training import cpu_name  # noqa: E402
+
 CONCURRENCY = (1, 4, 8, 16)
 ADAPTERS = ("a", "b", "c")
-
-
-def lora_command(*args: str) -> list[str]:
-    lora = shutil.which("lora", path=str(Path(sys.executable).parent))
-    return [lora, *args] if lora else [sys.executable, "-m", "lora_cli", *args]
 
 
 def prompts(n: int) -> list[str]:
@@ -178,16 +174,6 @@ def base_name(url: str) -> str:
     import httpx
 
     return httpx.get(url + "/v1/models").json()["data"][-1]["id"]  # the base is listed last
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

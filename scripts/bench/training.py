@@ -583,7 +583,7 @@ def main() -> None:
     tcmalloc = find_tcmalloc()
     imports_gb = run_child(self_worker("imports"), {**env, "LD_PRELOAD": tcmalloc} if tcmalloc else env)[1]
     machine = {
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "threads": THREADS,
         "platform": platform.platform(),
@@ -644,7 +644,7 @@ def main() -> None:
     print(f"\nwritten to {args.out}")
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
