@@ -30,6 +30,7 @@ from lora_cli.run.paths import RunPaths
 from lora_cli.run.processes import process_identity
 from lora_cli.run.record import library_versions, read_record, timestamp, to_json, update_record
 from lora_cli.training import distributed
+from lora_cli.training.optimizers import check_optimizer
 from lora_cli.training.preflight import check_trackers
 from lora_cli.training.resume import check_resumable, resume_checkpoint
 
@@ -49,6 +50,7 @@ def run(recipe: Recipe, *, recipe_path: str | None, resume: bool, overwrite: boo
     resolved recipe printed at the start came from, as `lora validate` does.
     """
     check_trackers(recipe)  # a missing tracker package fails now, not after loading the model
+    check_optimizer(recipe)  # so does an optimizer this machine cannot run
     distributed.init()
     paths, checkpoint, finished = distributed.main_first(
         lambda: _open_run(recipe, recipe_path, resume=resume, overwrite=overwrite, overrides=overrides)

@@ -21,6 +21,7 @@ from lora_cli.model.loading import load_tokenizer
 from lora_cli.model.sources import resolve_model_source
 from lora_cli.recipe.schema import Recipe
 from lora_cli.recipe.show import marked_recipe_lines
+from lora_cli.training.optimizers import check_optimizer
 from lora_cli.training.preflight import check_trackers, ignored_settings
 
 
@@ -37,6 +38,7 @@ def run(
     for line in marked_recipe_lines(recipe, recipe_path, overrides):
         print(line)
     check_trackers(recipe)
+    check_optimizer(recipe)
     source = resolve_model_source(recipe.model)
     print(f"model: {source.description}")
     tokenizer = load_tokenizer(recipe.model, source)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lora_cli.console import first_line
 from lora_cli.errors import ModelError, is_out_of_memory
+from lora_cli.model.lora_init import peft_init
 from lora_cli.recipe.schema import LoraSection
 
 
@@ -28,6 +29,7 @@ def lora_config(lora: LoraSection):
         bias=lora.bias,
         use_dora=lora.use_dora,
         use_rslora=lora.use_rslora,
+        init_lora_weights=peft_init(lora),  # lora.init (model/lora_init.py)
         modules_to_save=list(lora.modules_to_save) or None,
         task_type="CAUSAL_LM",
     )

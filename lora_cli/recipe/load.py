@@ -261,4 +261,23 @@ def _cross_checks(recipe: Recipe, lines: dict) -> list[str]:
         problems.append(f"{_where(('lora', 'target_modules'), lines)}'lora.target_modules' is an empty list")
     if isinstance(d.train, list) and not d.train:
         problems.append(f"{_where(('data', 'train'), lines)}'data.train' is an empty list")
-    return problems
+    return problems + _lora_init_checks(recipe, lines)
+
+
+def _lora_init_checks(recipe: Recipe, lines: dict) -> list[str]:
+    """lora.init against the base's quantization: what PEFT's initializations can act on."""
+    init, m = recipe.lora.init, recipe.model
+    where = _where(("lora", "init"), lines)
+    if init == "loftq" and (m.quantization != "4bit" or m.quant_type != "nf4"):
+        # LoftQ cancels the 4-bit quantization error: without a 4-bit NF4 base there is none.
+        return [f"{where}lora.init=loftq needs model.quantization: 4bit with model.quant_type: nf4 "
+                "(LoftQ starts the adapter at the NF4 quantization error of each weight)"]
+    if init == "loftq" and recipe.lora.use_dora:
+        # DoRA's magnitudes are measured from the weights before LoftQ sets the adapter.
+        return [f"{where}lora.init=loftq cannot be combined with lora.use_dora"]
+    if init in ("pissa", "olora") and m.quantization != "none":
+        # They subtract the adapter's start from the base weights: a quantized base would be
+        # re-quantized, and the adapter could no longer be converted to fit the original base.
+        return [f"{where}lora.init={init} needs a full-precision base (model.quantization: none); "
+                "for a 4-bit base use lora.init: loftq"]
+    return []

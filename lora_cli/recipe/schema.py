@@ -76,6 +76,20 @@ class LoraSection:
     bias: Literal["none", "all", "lora_only"] = opt("none", "Which biases to train.")
     use_dora: bool = opt(False, "Weight-decomposed LoRA (DoRA).")
     use_rslora: bool = opt(False, "Rank-stabilized scaling (alpha / sqrt(r)).")
+    init: Literal["default", "gaussian", "pissa", "olora", "loftq"] = opt(
+        "default",
+        "How the adapter starts (PEFT's init_lora_weights). default: A random, B zero; gaussian: A "
+        "Gaussian, B zero; pissa / olora: A and B from the SVD / QR of each base weight, which "
+        "they move into the adapter (full-precision base only; the saved adapter is converted to "
+        "apply to the unmodified base, at twice the rank); loftq: A and B cancel most of the "
+        "4-bit quantization error (model.quantization: 4bit, nf4).",
+    )
+    lr_ratio: float | None = opt(
+        None,
+        "LoRA+: the B matrices learn this many times faster than train.lr (PEFT's "
+        "create_loraplus_optimizer; the LoRA+ paper suggests 16). null: one learning rate.",
+        range=(0, None, False, None),
+    )
     modules_to_save: list[str] = opt(
         list, "Extra modules trained in full and saved with the adapter.", factory=True
     )
@@ -127,7 +141,26 @@ class TrainConfig:
         "cosine", "Learning-rate schedule after warm-up."
     )
     warmup_ratio: float = opt(0.03, "Fraction of steps spent warming up.", range=(0, 1, True, False))
-    weight_decay: float = opt(0.0, "AdamW weight decay.", range=(0, None, True, None))
+    weight_decay: float = opt(
+        0.0, "Weight decay (decoupled for the AdamW, Lion and Adafactor optimizers; L2 for sgd).",
+        range=(0, None, True, None),
+    )
+    optimizer: Literal[
+        "adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adamw_8bit", "lion_8bit", "paged_adamw_8bit"
+    ] = opt(
+        "adamw_torch",
+        "The optimizer (the HF Trainer's). adamw_torch_fused: one fused kernel where torch has one "
+        "for the device; adafactor: factored second moments, no first; sgd: plain SGD, no state; "
+        "adamw_8bit / lion_8bit / paged_adamw_8bit: bitsandbytes, states in 8 bits for tensors of "
+        "4096 elements or more (paged: moved to CPU memory under GPU memory pressure; CUDA only).",
+    )
+    adam_beta1: float = opt(
+        0.9, "First-moment decay of AdamW (also Lion's beta1).", range=(0, 1, True, False)
+    )
+    adam_beta2: float = opt(
+        0.999, "Second-moment decay of AdamW (also Lion's beta2).", range=(0, 1, True, False)
+    )
+    adam_epsilon: float = opt(1e-8, "AdamW's epsilon.", range=(0, None, False, None))
     max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 turns it off).", range=(0, None, True, None))
     gradient_checkpointing: bool = opt(
         False, "Recompute activations in the backward pass: less memory, ~30% slower."
@@ -149,6 +182,28 @@ class TrainConfig:
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = opt(
         list, "Experiment trackers to log to (never on by default).", factory=True
     )
+    neftune_noise_alpha: float | None = opt(
+        None,
+        "NEFTune: uniform noise of this scale (alpha / sqrt(tokens x hidden)) added to the input "
+        "embeddings in training steps only, never in evaluation (the HF Trainer's; the paper uses 5).",
+        range=(0, None, False, None),
+    )
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int | None = opt(
+        None,
+        "Examples per device per batch when evaluating during training (no gradients are kept, so "
+        "it can be larger than train.batch_size). null: train.batch_size.",
+        range=(1, None, True, None),
+    )
+    max_rows: int | None = opt(
+        None,
+        "Evaluate during training on the first N validation rows only (a quick eval every "
+        "train.eval_every steps on a large validation set). null: every row.",
+        range=(1, None, True, None),
+    )
 
 
 @dataclass(frozen=True)
@@ -157,6 +212,9 @@ class Recipe:
     lora: LoraSection = field(default_factory=LoraSection, metadata={"help": "The LoRA adapter."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "The training data."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "The training loop."})
+    eval: EvalConfig = field(
+        default_factory=EvalConfig, metadata={"help": "Evaluation on the validation data during training."}
+    )
     output_dir: str | None = field(
         default=None,
         metadata={"help": "Run directory. Default: runs/<recipe file name without .yaml>."},

@@ -8,6 +8,7 @@ from transformers import TrainingArguments
 from lora_cli.model.dtypes import resolve_dtype
 from lora_cli.recipe.schema import Recipe
 from lora_cli.run.paths import RunPaths
+from lora_cli.training.optimizers import optimizer_arguments
 
 
 def training_arguments(recipe: Recipe, paths: RunPaths, *, has_validation: bool):
@@ -24,7 +25,7 @@ def training_arguments(recipe: Recipe, paths: RunPaths, *, has_validation: bool)
     return TrainingArguments(
         output_dir=str(paths.checkpoints),
         per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.batch_size,
+        per_device_eval_batch_size=recipe.eval.batch_size or t.batch_size,  # (no gradients: may be larger)
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.lr,
         num_train_epochs=t.epochs,
@@ -49,7 +50,8 @@ def training_arguments(recipe: Recipe, paths: RunPaths, *, has_validation: bool)
         dataloader_num_workers=0,
         dataloader_pin_memory=on_gpu,
         disable_tqdm=True,
-        optim="adamw_torch",
+        **optimizer_arguments(recipe),  # train.optimizer, betas, epsilon (training/optimizers.py)
+        neftune_noise_alpha=t.neftune_noise_alpha,  # the Trainer's NEFTune: noise in training steps only
         # Every LoRA weight takes part in each forward pass: DDP need not search for unused ones.
         ddp_find_unused_parameters=False,
         **eval_kwargs,

@@ -13,7 +13,11 @@ Memory to train, per method (B = train.batch_size, T = data.max_length, b = byte
                double quantization, else 4/64), the rest (embeddings, norms, head) in float32
                (prepare_model_for_kbit_training upcasts them), + LoRA params in float32
   gradients    full: P·b; LoRA/QLoRA: trainable params × 4
-  optimizer    AdamW (torch): 2 states per trainable parameter, in its dtype
+  optimizer    train.optimizer's state for each trainable tensor, as it keeps it (measured;
+               training/optimizers.py state_bytes): AdamW 2 states in the parameter's dtype,
+               Adafactor a row and a column per matrix, SGD none, bitsandbytes 8-bit 1 byte per
+               element and state (tensors under 4096 elements: 4); full fine-tuning's embeddings
+               stay in 32 bits with 8-bit optimizers (the Trainer registers them so)
   activations  B·T × (per layer × L + logits), in the compute dtype's bytes a:
                per layer, per token, in elements (measured with autograd's saved-tensor hooks on
                tiny Llama and GPT-2 models, transformers 5.x, torch 2.x):
@@ -54,6 +58,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -67,6 +72,7 @@ from lora_cli.model.facts import load_model_config, model_context, tokenizer_fil
 from lora_cli.model.lean_dropout import fold_lora_dropout
 from lora_cli.recipe.schema import Recipe
 from lora_cli.training.loss import CHUNK_ROWS, PLAIN_HEAD_MODEL_TYPES
+from lora_cli.training.optimizers import OPTIMIZERS, state_bytes
 
 METHODS = ("full", "lora", "qlora")
 
@@ -97,6 +103,10 @@ class ModelShape:
     gated_mlp: bool
     attention_quadratic: bool  # eager attention or attention dropout: weights are kept
     model_type: str
+    # shapes of the trainable LoRA tensors, and of every base tensor (full fine-tuning) with
+    # whether it is an embedding's: the optimizer's state is counted per tensor (not in to_dict)
+    lora_shapes: list = field(default_factory=list, repr=False)
+    full_shapes: list = field(default_factory=list, repr=False)
 
 
 @dataclass
@@ -110,9 +120,12 @@ class Estimate:
     adapter_bytes: int
     memory: dict[str, dict[str, float]] = field(default_factory=dict)  # method -> part -> bytes
     method: str = "lora"  # what the recipe uses
+    optimizer: str = "adamw_torch"
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
+        for key in ("lora_shapes", "full_shapes"):
+            out["shape"].pop(key)
         # One place for scripts to read this recipe's figure: an 8-bit base is not a column of
         # its own (not modelled), it lies between the QLoRA and LoRA totals.
         if self.method in self.memory:
@@ -137,6 +150,8 @@ def model_shape(config, recipe: Recipe) -> ModelShape:
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
         check_modules_to_save(model, recipe.lora.modules_to_save)  # what `lora train` would refuse
         total = sum(p.numel() for p in model.parameters())
+        embedding_params = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+        full_shapes = [(tuple(p.shape), id(p) in embedding_params) for p in model.parameters()]
         quantizable = largest = 0
         gated = False
         for name, module in model.named_modules():
@@ -144,12 +159,15 @@ def model_shape(config, recipe: Recipe) -> ModelShape:
                 quantizable += module.weight.numel()
                 largest = max(largest, module.weight.numel())
                 gated = gated or "gate" in name.rsplit(".", 1)[-1]
-        peft_model = with_lora(model, recipe.lora)
+        # (counting only: an initialization that decomposes weights has nothing to work on here)
+        peft_model = with_lora(model, dataclasses.replace(recipe.lora, init="default"))
     trainable = tensors = lora_r = lora_in = 0
+    lora_shapes = []
     for p in peft_model.parameters():
         if p.requires_grad:
             trainable += p.numel()
             tensors += 1
+            lora_shapes.append(tuple(p.shape))
     fold_lora_dropout(peft_model)  # as `lora train` does: a folded dropout keeps no input copy
     for module in peft_model.modules():
         lora_a = getattr(module, "lora_A", None)
@@ -179,6 +197,8 @@ def model_shape(config, recipe: Recipe) -> ModelShape:
         gated_mlp=gated,
         attention_quadratic=attn == "eager" or attn_dropout > 0,
         model_type=str(getattr(config, "model_type", "?")),
+        lora_shapes=lora_shapes,
+        full_shapes=full_shapes,
     )
 
 
@@ -258,13 +278,17 @@ def estimate_memory(recipe: Recipe, config=None) -> Estimate:
         )
 
     constants = 1 / 64 if m.double_quant else 4 / 64
+    lora_optimizer = state_bytes(t.optimizer, shape.lora_shapes, 4)  # peft keeps adapters in float32
+    full_optimizer = _full_optimizer_bytes(t.optimizer, shape.full_shapes, b)
     memory = {
-        "full": {"weights": P * b, "gradients": P * b, "optimizer": 2 * P * b, "activations": acts(False, b)},
-        "lora": {"weights": P * b + L * 4, "gradients": L * 4, "optimizer": 2 * L * 4, "activations": acts(True, b)},
+        "full": {"weights": P * b, "gradients": P * b, "optimizer": full_optimizer, "activations": acts(False, b)},
+        "lora": {
+            "weights": P * b + L * 4, "gradients": L * 4, "optimizer": lora_optimizer, "activations": acts(True, b)
+        },
         "qlora": {
             "weights": Q * (0.5 + constants) + (P - Q) * 4 + L * 4,
             "gradients": L * 4,
-            "optimizer": 2 * L * 4,
+            "optimizer": lora_optimizer,
             "activations": acts(True, compute, dequantized=shape.largest_quantizable * compute),
         },
     }
@@ -289,7 +313,18 @@ def estimate_memory(recipe: Recipe, config=None) -> Estimate:
         adapter_bytes=int(adapter),
         memory=memory,
         method=method,
+        optimizer=t.optimizer,
     )
+
+
+def _full_optimizer_bytes(name: str, shapes: list[tuple[tuple, bool]], nbytes: int) -> int:
+    """Full fine-tuning's optimizer state: 8-bit optimizers keep the embeddings' in 32 bits (the
+    Trainer registers them so with bitsandbytes)."""
+    kind = OPTIMIZERS[name]
+    if not kind.eight_bit:
+        return state_bytes(name, [s for s, _ in shapes], nbytes)
+    rest = state_bytes(name, [s for s, is_embedding in shapes if not is_embedding], nbytes)
+    return rest + sum(kind.states * 4 * math.prod(s) for s, is_embedding in shapes if is_embedding)
 
 
 def _chunked_loss_rows(model_type: str) -> int | None:
@@ -317,6 +352,7 @@ def estimate_lines(est: Estimate) -> list[str]:
     out.append(header)
     for part in (*PARTS, "loading", "total"):
         out.append(f"  {part:<12}" + "".join(f"{human_bytes(est.memory[m][part]):>12}" for m in METHODS))
+    out.append(f"  optimizer: {est.optimizer} ({OPTIMIZERS[est.optimizer].summary})")
     between = "" if est.method in est.memory else " (not modelled: between the QLoRA and LoRA columns)"
     out.append(f"  this recipe: {est.method}{between}")
     return out

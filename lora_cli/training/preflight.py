@@ -10,6 +10,8 @@ import sys
 
 from lora_cli.errors import RecipeError
 from lora_cli.recipe.schema import Recipe
+from lora_cli.training.evaluation import unused_eval_settings
+from lora_cli.training.optimizers import optimizer_notes
 
 # report_to name -> the package the transformers callback needs
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
@@ -45,4 +47,6 @@ def ignored_settings(recipe: Recipe, data) -> list[str]:
         )
     if recipe.data.train_on_prompt and data.report.format == "text":
         notes.append("data.train_on_prompt does nothing for text data: every token is trained on already")
+    notes += unused_eval_settings(recipe, bool(data.validation))
+    notes += optimizer_notes(recipe)
     return notes

@@ -30,6 +30,7 @@ RESUME_BENIGN_KEYS = {
     "train.log_every", "train.eval_every", "train.save_every", "train.save_total_limit",
     "train.report_to", "train.max_nonfinite_steps", "train.gradient_checkpointing",
     "output_dir",  # the same run, named by another path (or moved)
+    "eval.batch_size", "eval.max_rows",  # what is evaluated, not what is learned
 }
 
 

@@ -32,6 +32,7 @@ from lora_cli.model.attach import attach_lora
 from lora_cli.model.dtypes import describe_precision
 from lora_cli.model.facts import check_model_context
 from lora_cli.model.loading import load_base_model, load_tokenizer
+from lora_cli.model.lora_init import initial_adapter, save_adapter, weights_directory
 from lora_cli.model.sources import local_model_path, resolve_model_source
 from lora_cli.recipe.schema import Recipe
 from lora_cli.run.checkpoints import latest_checkpoint
@@ -42,6 +43,7 @@ from lora_cli.training import distributed
 from lora_cli.training.arguments import training_arguments
 from lora_cli.training.callbacks import MetricsFileCallback, ProgressCallback, StopOnSignalCallback, TokenCounter
 from lora_cli.training.checkpoints import DISK_FULL, disk_full_error
+from lora_cli.training.evaluation import evaluation_rows
 from lora_cli.training.memory import estimate_memory
 from lora_cli.training.peaks import peak_memory, peak_memory_line
 from lora_cli.training.preflight import ignored_settings
@@ -74,6 +76,9 @@ def train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> tuple[Any
         say(line)
     for note in ignored_settings(recipe, data):
         say(f"note: {note}")
+    validation, eval_line = evaluation_rows(recipe, data.validation)  # eval.max_rows, eval.batch_size
+    if eval_line:
+        say(eval_line)
     memory_line, estimate_bytes = _memory_estimate(recipe)
     say(memory_line)
     if ranks.is_distributed():
@@ -97,8 +102,10 @@ def train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> tuple[Any
     base = load_base_model(recipe.model, source)
     quantized = recipe.model.quantization != "none"
     model = attach_lora(
-        base, recipe.lora, quantized=quantized, gradient_checkpointing=recipe.train.gradient_checkpointing
+        base, recipe.lora, quantized=quantized, gradient_checkpointing=recipe.train.gradient_checkpointing,
+        weights_dir=weights_directory(source) if recipe.lora.init == "loftq" else None,
     )
+    initial = initial_adapter(model, recipe.lora)  # PiSSA / OLoRA: the adapter is saved converted
     trainable, total = model.get_nb_trainable_parameters()
     # (peft's total includes the adapter; the share is of the base, as `lora estimate` gives it)
     say(
@@ -115,7 +122,7 @@ def train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> tuple[Any
         model=model,
         args=training_arguments(recipe, paths, has_validation=bool(data.validation)),
         train_dataset=data.train,
-        eval_dataset=data.validation or None,
+        eval_dataset=validation or None,
         data_collator=Collator(tokenizer.pad_token_id, count_tokens=True),
         processing_class=tokenizer,
         callbacks=[MetricsFileCallback(paths.metrics, tokens), progress, stopper],
@@ -123,6 +130,7 @@ def train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> tuple[Any
     trainer.remove_callback(PrinterCallback)  # our ProgressCallback replaces its raw log dicts
     trainer.tokens = tokens
     trainer.max_nonfinite_steps = recipe.train.max_nonfinite_steps
+    trainer.lr_ratio = recipe.lora.lr_ratio  # LoRA+ (training/optimizers.py)
     stopper.install()
     try:
         train_started = time.perf_counter()
@@ -180,7 +188,7 @@ def train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> tuple[Any
             final=final,
             source_description=source.description,
         )
-        _save(paths, model, tokenizer, state_dict, card)
+        _save(paths, model, tokenizer, state_dict, card, initial)
         peaks = peak_memory()  # what this process reached (under DDP: rank 0's), beside the estimate
         update_record(
             paths,
@@ -206,11 +214,12 @@ def train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> tuple[Any
     return model, final
 
 
-def _save(paths: RunPaths, model, tokenizer, state_dict, card: str) -> None:
-    """The adapter (standard PEFT files), its tokenizer and its model card, in one atomic step."""
+def _save(paths: RunPaths, model, tokenizer, state_dict, card: str, initial: dict | None = None) -> None:
+    """The adapter (standard PEFT files; converted to fit the original base where lora.init
+    changed it: model/lora_init.py), its tokenizer and its model card, in one atomic step."""
     try:
         with atomic_directory(paths.adapter) as tmp:
-            model.save_pretrained(tmp, state_dict=state_dict)
+            save_adapter(model, tmp, state_dict=state_dict, initial=initial)
             tokenizer.save_pretrained(tmp)
             (tmp / "README.md").write_text(card, encoding="utf-8")  # peft's own card is replaced
     except OSError as e:

@@ -8,6 +8,7 @@ this subclass adds what the run directory and the user are promised around it.
   - the chunked supervised-only loss (training/loss.py) where it is exact;
   - token counts for throughput (TokenCounter, training/callbacks.py);
   - warm-up rounded to nearest, never swallowing a short run;
+  - LoRA+ (lora.lr_ratio): PEFT's optimizer, B matrices at a higher learning rate;
   - checkpoints staged and renamed into place (training/checkpoints.py).
 """
 
@@ -25,6 +26,7 @@ from lora_cli.data.tokenize import IGNORE_INDEX
 from lora_cli.errors import TrainingError
 from lora_cli.training.checkpoints import save_checkpoint_atomically
 from lora_cli.training.loss import plain_head, supervised_loss
+from lora_cli.training.optimizers import loraplus_optimizer
 
 RUN_LOSS_FILE = "lora_run_loss.json"  # in each checkpoint: the loss book of the steps before it
 
@@ -51,6 +53,14 @@ class LoraTrainer(Trainer):
             if saved.is_file():
                 self.run_loss = json.loads(saved.read_text(encoding="utf-8"))["run_loss"]
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    lr_ratio = None  # lora.lr_ratio: LoRA+, B matrices at lr x lr_ratio (training/optimizers.py)
+
+    def create_optimizer(self, model=None):
+        if self.lr_ratio is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        self.optimizer = loraplus_optimizer(self.model if model is None else model, self.args, self.lr_ratio)
+        return self.optimizer
 
     def create_scheduler(self, num_training_steps, optimizer=None):
         # The Trainer rounds a warm-up ratio up (ceil(0.03 * 1) = 1) and warm-up starts at lr 0:
