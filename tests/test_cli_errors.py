@@ -43,6 +43,7 @@ def R(id, recipe_text, code, expect, *extra, files=None, command="validate", env
     return Case(id, [command, f"{{tmp}}/{id}.yaml", *extra], code, expect, files, env or {})
 
 
+FOUR_BIT = "  name: {model}\n  quantization: 4bit\n"
 GOOD_ROWS = "".join(json.dumps(r) + "\n" for r in completion_rows(repeat=1))
 
 CASES = [
@@ -142,6 +143,35 @@ CASES = [
         2,
         ["3 problems", "lora.r", "lora.dropout", "train.lr"],
     ),
+    # ---- training knobs: optimizer, LoRA variants, NEFTune, evaluation during training
+    R("optimizer-unknown", _recipe("train:\n  optimizer: adam\n"), 2,
+      ["line 7", "'train.optimizer' must be one of 'adamw_torch', 'adamw_torch_fused'", "hint:"]),
+    R("adam-beta1-one", _recipe("train:\n  adam_beta1: 1.0\n"), 2,
+      ["line 7", "'train.adam_beta1' must be ≥ 0 and < 1"]),
+    R("adam-beta2-negative", _recipe("train:\n  adam_beta2: -0.5\n"), 2, ["'train.adam_beta2' must be ≥ 0 and < 1"]),
+    R("adam-epsilon-zero", _recipe("train:\n  adam_epsilon: 0\n"), 2, ["'train.adam_epsilon' must be > 0, got 0"]),
+    R("weight-decay-negative", _recipe("train:\n  weight_decay: -0.1\n"), 2, ["'train.weight_decay' must be ≥ 0"]),
+    R("neftune-zero", _recipe("train:\n  neftune_noise_alpha: 0\n"), 2,
+      ["line 7", "'train.neftune_noise_alpha' must be > 0, got 0"]),
+    R("lora-init-unknown", _recipe("lora:\n  init: kaiming\n"), 2,
+      ["line 7", "'lora.init' must be one of 'default', 'gaussian', 'pissa', 'olora', 'loftq'"]),
+    R("lr-ratio-zero", _recipe("lora:\n  lr_ratio: 0\n"), 2, ["line 7", "'lora.lr_ratio' must be > 0, got 0"]),
+    R("loftq-without-4bit", _recipe("lora:\n  init: loftq\n"), 2,
+      ["line 7", "lora.init=loftq needs model.quantization: 4bit with model.quant_type: nf4"]),
+    R("pissa-on-4bit", _recipe("lora:\n  init: pissa\n").replace("  name: {model}\n", FOUR_BIT), 2,
+      ["line 8", "lora.init=pissa needs a full-precision base", "lora.init: loftq"]),
+    R("loftq-with-dora",
+      _recipe("lora:\n  init: loftq\n  use_dora: true\n").replace("  name: {model}\n", FOUR_BIT), 2,
+      ["lora.init=loftq cannot be combined with lora.use_dora"]),
+    R("eval-batch-size-zero", _recipe("eval:\n  batch_size: 0\n"), 2,
+      ["line 7", "'eval.batch_size' must be ≥ 1, got 0"]),
+    R("eval-max-rows-zero", _recipe("eval:\n  max_rows: 0\n"), 2, ["line 7", "'eval.max_rows' must be ≥ 1, got 0"]),
+    # bitsandbytes that cannot be imported (a build without this machine's library): exit 2 before the model
+    R("optimizer-8bit-unavailable", _recipe("train:\n  optimizer: adamw_8bit\n"), 2,
+      ["train.optimizer: adamw_8bit cannot run on this machine", "bitsandbytes cannot be imported",
+       "hint: pip install bitsandbytes, or use train.optimizer: adamw_torch"],
+      command="train", files={"shim/bitsandbytes/__init__.py": "raise ImportError('libbitsandbytes: no such file')\n"},
+      env={"PYTHONPATH": os.pathsep.join(["{tmp}/shim", os.environ.get("PYTHONPATH", "")])}),
     # ---- overrides
     R(
         "override-no-equals",
@@ -313,7 +343,8 @@ def _run(case: Case, tmp: Path, models: dict) -> subprocess.CompletedProcess:
         path.parent.mkdir(parents=True, exist_ok=True)
         content = _fill(content, where, models)
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "LORA_ALLOCATOR": "system", **case.env}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "LORA_ALLOCATOR": "system",
+           **{key: _fill(value, where, models) for key, value in case.env.items()}}
     return subprocess.run(
         [sys.executable, "-m", "lora_cli", *[_fill(a, where, models) for a in case.args]],
         cwd=where,

@@ -34,7 +34,8 @@ def test_counts_match_the_real_model_and_adapter_file(tiny_llama, tmp_path):
     assert est.shape.context == 256 and est.shape.gated_mlp
     m = est.memory
     # LoRA trains a sliver of the parameters: far less gradient and optimizer memory than full.
-    assert m["lora"]["optimizer"] == 2 * 4 * trainable < m["full"]["optimizer"]
+    # (AdamW: 2 float32 states per parameter and a 4-byte step per tensor, as measured in test_optimizers.py)
+    assert m["lora"]["optimizer"] == 2 * 4 * trainable + 4 * est.shape.lora_tensors < m["full"]["optimizer"]
     assert m["qlora"]["weights"] < m["lora"]["weights"] < m["full"]["total"]
 
 

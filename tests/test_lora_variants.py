@@ -12,6 +12,7 @@ import torch
 
 from lora_cli.commands.merge import run as run_merge
 from lora_cli.commands.train import run as run_training
+from lora_cli.training.memory import estimate_memory
 from tests.helpers import chat_rows, read_metrics, tiny_recipe, without_cpu_bf16_repacking, write_jsonl
 
 FOUR_BIT = {"quantization": "4bit", "compute_dtype": "float32"}
@@ -80,6 +81,8 @@ def test_variant_trains_merges_and_its_adapter_fits_the_original_base(variant, t
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     if lora.get("init") in ("pissa", "olora"):  # PEFT's conversion: ΔW = B·A - B0·A0, a plain LoRA
         assert config["r"] == 2 * recipe.lora.r and config["init_lora_weights"] is True
+    on_disk = (run / "adapter" / "adapter_model.safetensors").stat().st_size
+    assert abs(estimate_memory(recipe).adapter_bytes / on_disk - 1) < 0.05  # lora estimate knows the size
 
     if "lr_ratio" in lora:  # LoRA+: PEFT's groups, the B matrices at lr x ratio (constant schedule)
         state = torch.load(run / "checkpoints" / "checkpoint-12" / "optimizer.pt", weights_only=False)

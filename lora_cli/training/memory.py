@@ -70,6 +70,7 @@ from lora_cli.model.adapters import check_modules_to_save, with_lora
 from lora_cli.model.dtypes import resolve_dtype
 from lora_cli.model.facts import load_model_config, model_context, tokenizer_file_bytes
 from lora_cli.model.lean_dropout import fold_lora_dropout
+from lora_cli.model.lora_init import CONVERTED
 from lora_cli.recipe.schema import Recipe
 from lora_cli.training.loss import CHUNK_ROWS, PLAIN_HEAD_MODEL_TYPES
 from lora_cli.training.optimizers import OPTIMIZERS, state_bytes
@@ -121,6 +122,8 @@ class Estimate:
     memory: dict[str, dict[str, float]] = field(default_factory=dict)  # method -> part -> bytes
     method: str = "lora"  # what the recipe uses
     optimizer: str = "adamw_torch"
+    lora_init: str = "default"
+    lora_r: int = 16
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -301,7 +304,9 @@ def estimate_memory(recipe: Recipe, config=None) -> Estimate:
         parts["tokenizer"] = tokenizer
         parts["loading"] = load[method] + tokenizer
         parts["total"] = max(sum(parts[p] for p in PARTS), parts["loading"])
-    adapter = L * 4 + 8 + SAFETENSORS_BYTES_PER_TENSOR * shape.lora_tensors
+    # PiSSA / OLoRA adapters are saved converted to fit the original base: rank 2r, twice the bytes
+    converted = recipe.lora.init in CONVERTED
+    adapter = L * 4 * (2 if converted else 1) + 8 + SAFETENSORS_BYTES_PER_TENSOR * shape.lora_tensors
     method = {"none": "lora", "4bit": "qlora", "8bit": "lora (8-bit base)"}[m.quantization]
     return Estimate(
         model=m.name,
@@ -314,6 +319,8 @@ def estimate_memory(recipe: Recipe, config=None) -> Estimate:
         memory=memory,
         method=method,
         optimizer=t.optimizer,
+        lora_init=recipe.lora.init,
+        lora_r=recipe.lora.r,
     )
 
 
@@ -344,7 +351,8 @@ def estimate_lines(est: Estimate) -> list[str]:
         + ")",
         f"parameters: {s.total_params:,} ({human_count(s.total_params)})",
         f"trainable LoRA parameters: {s.trainable_params:,} ({pct:.2f}% of the base's)",
-        f"adapter on disk: {human_bytes(est.adapter_bytes)} (safetensors, float32)",
+        f"adapter on disk: {human_bytes(est.adapter_bytes)} (safetensors, float32"
+        + (f"; rank {2 * est.lora_r} after the {est.lora_init} conversion)" if est.lora_init in CONVERTED else ")"),
         f"memory to train, batch {est.batch_size} x {est.max_length} tokens "
         f"({est.weight_bytes * 8}-bit weights; not counting ~0.5-1 GB for Python and the libraries):",
     ]

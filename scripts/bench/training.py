@@ -3,6 +3,8 @@
     .venv/bin/python scripts/bench/training.py [--profiles flan,long,real] [--repeats 3]
                                                [--out build/bench/training.json]
                                                [--model-config DIR]
+    .venv/bin/python scripts/bench/training.py --optimizers [NAMES] [--profiles real] [--steps N]
+        (tokens/s, peak memory and optimizer state per train.optimizer: scripts/bench/optimizers.py)
 
 Candidates, each run in its own fresh subprocess, interleaved and repeated, 2 threads, same seed,
 same examples, same effective batch in examples, one epoch over the examples:
@@ -544,6 +546,13 @@ def main() -> None:
         action="store_true",
         help="only redo the `lora estimate` comparison of an existing --out result (after changing the estimator)",
     )
+    parser.add_argument(
+        "--optimizers",
+        nargs="?",
+        const="all",
+        help="compare train.optimizer values instead (comma-separated; default all): scripts/bench/optimizers.py",
+    )
+    parser.add_argument("--steps", type=int, help="--optimizers: optimizer steps per run (default: the profile's)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -574,6 +583,18 @@ def main() -> None:
         return
     global MODEL_CONFIG
     MODEL_CONFIG = args.model_config.resolve() if args.model_config else None
+    if args.optimizers:
+        import optimizers
+
+        names = list(optimizers.NAMES) if args.optimizers == "all" else args.optimizers.split(",")
+        profiles = args.profiles.split(",") if args.profiles != "flan,long,real" else ["real"]
+        report = optimizers.run_optimizers(names, profiles, args.repeats, args.steps, env)
+        out = args.out.with_name("optimizers.json") if args.out == WORK / "training.json" else args.out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": THREADS},
+                                   "profiles": report}, indent=1))
+        print(f"\nwritten to {out}")
+        return
     candidates = args.candidates.split(",")
     matmul = run_child(self_worker("matmul"), env)[0]
     peak = matmul["matmul_flops"]
