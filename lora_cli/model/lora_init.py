@@ -47,17 +47,19 @@ def initial_adapter(model, lora: LoraSection) -> dict | None:
     return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
 
 
+def sharded_conversion_error(init: str) -> ModelError:
+    """PiSSA / OLoRA under FSDP or ZeRO-3: the conversion reads whole weights (said before training)."""
+    return ModelError(f"lora.init: {init} cannot be converted from sharded weights (FSDP / ZeRO-3)",
+                      "Train it with DDP or on one device, or use lora.init: default.")
+
+
 def save_adapter(model, directory: Path, *, state_dict=None, initial: dict | None = None) -> None:
     """model.save_pretrained; a PiSSA / OLoRA adapter converted to fit the original base."""
     if initial is None:
         model.save_pretrained(directory, state_dict=state_dict)
         return
     if state_dict is not None:  # (sharded engines: peft would look for the initial adapter in it)
-        raise ModelError(
-            f"lora.init: {model.peft_config['default'].init_lora_weights} cannot be saved from sharded "
-            "weights (FSDP / ZeRO-3)",
-            "Train it with DDP or on one device, or use lora.init: default.",
-        )
+        raise sharded_conversion_error(str(model.peft_config["default"].init_lora_weights))
     from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory(prefix="lora-initial-") as tmp:

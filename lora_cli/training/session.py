@@ -32,7 +32,12 @@ from lora_cli.model.attach import attach_lora
 from lora_cli.model.dtypes import describe_precision
 from lora_cli.model.facts import check_model_context
 from lora_cli.model.loading import load_base_model, load_tokenizer
-from lora_cli.model.lora_init import initial_adapter, save_adapter, weights_directory
+from lora_cli.model.lora_init import (
+    initial_adapter,
+    save_adapter,
+    sharded_conversion_error,
+    weights_directory,
+)
 from lora_cli.model.sources import local_model_path, resolve_model_source
 from lora_cli.recipe.schema import Recipe
 from lora_cli.run.checkpoints import latest_checkpoint
@@ -106,6 +111,8 @@ def train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> tuple[Any
         weights_dir=weights_directory(source) if recipe.lora.init == "loftq" else None,
     )
     initial = initial_adapter(model, recipe.lora)  # PiSSA / OLoRA: the adapter is saved converted
+    if initial is not None and ranks.shards_parameters():  # said now, not after the training
+        raise sharded_conversion_error(recipe.lora.init)
     trainable, total = model.get_nb_trainable_parameters()
     # (peft's total includes the adapter; the share is of the base, as `lora estimate` gives it)
     say(
