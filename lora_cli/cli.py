@@ -338,12 +338,18 @@ def serve(
         ),
     ] = None,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Most requests decoded together.")] = 16,
+    prefix_cache: Annotated[
+        bool,
+        typer.Option("--prefix-cache/--no-prefix-cache",
+                     help="Reuse the KV of prompt starts recent requests shared (chat templates, chat history)."),
+    ] = True,
 ):
     """Serve runs' adapters (one base in memory) behind an OpenAI-compatible API: /v1/chat/completions,
     /v1/completions, /v1/models, /health. Concurrent requests are decoded together, mixed adapters too."""
     from lora_cli.commands import serve as command
 
-    command.run(runs, model=model, host=host, port=port, api_key=api_key, max_batch=max_batch)
+    command.run(runs, model=model, host=host, port=port, api_key=api_key, max_batch=max_batch,
+                prefix_cache=prefix_cache)
 
 
 @app.command()

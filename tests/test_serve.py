@@ -165,11 +165,20 @@ def test_a_mixed_batch_of_8_answers_each_as_generate_alone(client, runs, server)
             return reply.choices[0].message.content
         return client.completions.create(model=model, prompt=prompt, max_tokens=TOKENS, temperature=0).choices[0].text
 
+    stats = server["engine"].stats
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(ask, asks))
     assert answers == expected
-    assert server["engine"].stats["largest_batch"] >= max(before, 3)  # they really shared forward passes
+    assert stats["largest_batch"] >= max(before, 3)  # they really shared forward passes
     assert server["engine"]._router is not None  # through the stacked LoRA layers (serving/stacked_lora.py)
+
+    # Asked again: the pirate's and the lawyer's two chat prompts each shared their template's start
+    # in the first round, so now they are read on top of its cached KV, and answer the same.
+    hits, reused = stats["prefix_hits"], stats["prefix_tokens_reused"]
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(ask, asks)) == expected
+    assert stats["prefix_hits"] >= hits + 4
+    assert stats["prefix_tokens_reused"] >= reused + 4 * server["engine"].prefixes.min_tokens
 
 
 def test_stacked_lora_layer_equals_peft_mixed_batch(server):

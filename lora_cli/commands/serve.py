@@ -26,6 +26,7 @@ def run(
     port: int = 8000,
     api_key: str | None = None,
     max_batch: int = 16,
+    prefix_cache: bool = True,
 ) -> None:
     runs = list(runs or [])
     if not 0 <= port <= 65535:
@@ -45,7 +46,7 @@ def run(
     sock = bind(host, port)
     try:
         registry = load_registry(runs, model)
-        engine = Engine(registry, max_batch=max_batch)
+        engine = Engine(registry, max_batch=max_batch, prefix_cache=prefix_cache)
         engine.start()
         server = make_server(create_app(registry, engine, api_key=api_key), engine)
         where = sock.getsockname()

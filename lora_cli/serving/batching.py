@@ -23,6 +23,7 @@ from typing import Callable
 
 from lora_cli.console import first_line
 from lora_cli.errors import is_out_of_memory
+from lora_cli.serving.prefix_cache import PrefixCache
 from lora_cli.serving.registry import BASE_ROUTE, Registry, Served
 from lora_cli.serving.stacked_lora import install_stacked_lora
 from lora_cli.serving.text import TextStream
@@ -79,7 +80,7 @@ class _Row:
 
 
 class Engine:
-    def __init__(self, registry: Registry, *, max_batch: int = 16):
+    def __init__(self, registry: Registry, *, max_batch: int = 16, prefix_cache: bool = True):
         self.registry = registry
         self.model = registry.model
         # mixed-adapter steps about as fast as one adapter's (None: peft's own mixed path)
@@ -91,7 +92,9 @@ class Engine:
         self._rows: list[_Row] = []
         self._cache = None  # the batch's KV cache (transformers DynamicCache), rows in _rows order
         self._mask = None  # [rows, cache length] attention mask: 0 on left padding
-        self.stats = {"active": 0, "queued": 0, "finished": 0, "cancelled": 0, "steps": 0, "largest_batch": 0}
+        self.prefixes = PrefixCache() if prefix_cache else None
+        self.stats = {"active": 0, "queued": 0, "finished": 0, "cancelled": 0, "steps": 0, "largest_batch": 0,
+                      "prefix_hits": 0, "prefix_tokens_reused": 0}
 
     # ------------------------------------------------------------------ the client side
 
@@ -167,19 +170,46 @@ class Engine:
                     job.send(Event("error", text=f"generation failed: {type(e).__name__}: {first_line(e, 200)}"))
 
     def _prefill(self, jobs: list[Job]) -> None:
-        """Run the prompts in one forward pass (left-padded, each with its own positions and
-        adapter), sample each first token, and join the batch with the rows not already done."""
+        """Read the prompts, sample each first token, and join the batch with the rows not already
+        done. Prompts whose start is cached (prefix_cache.py) are read together from where their
+        cached start ends; the others together from their first token."""
+        starts = [self.prefixes.lookup(job.served.route, job.prompt_ids) if self.prefixes else None for job in jobs]
+        cold = [job for job, start in zip(jobs, starts) if start is None]
+        warm = [(job, start) for job, start in zip(jobs, starts) if start is not None]
+        if cold:
+            self._prefill_group(cold, [])
+        if warm:
+            self._prefill_group([job for job, _ in warm], [start for _, start in warm])
+
+    def _prefill_group(self, jobs: list[Job], starts: list) -> None:
+        """One forward pass over the prompts (left-padded, each with its own positions and adapter),
+        on top of their cached starts cut to the shortest of them when `starts` are given."""
         import torch
+        from transformers import DynamicCache
 
         device = next(self.model.parameters()).device
-        width = max(len(job.prompt_ids) for job in jobs)
+        skip = min((len(start.ids) for start in starts), default=0)
+        width = max(len(job.prompt_ids) - skip for job in jobs)
         ids = torch.zeros(len(jobs), width, dtype=torch.long, device=device)
-        mask = torch.zeros(len(jobs), width, dtype=torch.long, device=device)
+        mask = torch.zeros(len(jobs), skip + width, dtype=torch.long, device=device)
+        mask[:, :skip] = 1
         for i, job in enumerate(jobs):
-            ids[i, width - len(job.prompt_ids):] = torch.tensor(job.prompt_ids, device=device)
-            mask[i, width - len(job.prompt_ids):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self._forward(ids, mask, positions, None, [job.served.route for job in jobs])
+            rest = job.prompt_ids[skip:]
+            ids[i, width - len(rest):] = torch.tensor(rest, device=device)
+            mask[i, skip + width - len(rest):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, skip:]
+        past = None
+        if starts:
+            past = DynamicCache(ddp_cache_data=[
+                (torch.cat([start.layers[n][0][:, :, :skip] for start in starts]),
+                 torch.cat([start.layers[n][1][:, :, :skip] for start in starts]))
+                for n in range(len(starts[0].layers))])
+            for start in starts:
+                self.prefixes.count_hit(start, skip)
+        out = self._forward(ids, mask, positions, past, [job.served.route for job in jobs])
+        if self.prefixes:
+            self._remember_starts(jobs, out.past_key_values, mask)
+            self.stats.update(self.prefixes.stats)
         rows = []
         for i, job in enumerate(jobs):
             seed = job.sampling.seed if job.sampling.seed is not None else random.randrange(2**63)
@@ -189,6 +219,17 @@ class Engine:
             rows.append(row)
         self._join(rows, out.past_key_values, mask)
         self._leave([row for row in rows if row.done])
+
+    def _remember_starts(self, jobs: list[Job], cache, mask) -> None:
+        """Keep the KV of the start each prompt shares with a recent one of its route, cut from the
+        cache this forward pass just made (its columns in order, padding skipped)."""
+        for i, job in enumerate(jobs):
+            shared = self.prefixes.shared_start(job.served.route, job.prompt_ids)
+            if shared:
+                columns = mask[i].nonzero().squeeze(-1)[:shared]
+                layers = [(layer.keys[i:i + 1, :, columns].clone(), layer.values[i:i + 1, :, columns].clone())
+                          for layer in cache.layers]
+                self.prefixes.add(job.served.route, job.prompt_ids[:shared], layers)
 
     def _step(self) -> None:
         """One token for every row, in one forward pass."""
