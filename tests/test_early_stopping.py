@@ -76,3 +76,20 @@ def test_the_patience_counter_is_rebuilt_from_the_log_history_on_resume():
     callback = EarlyStopping(early_stopping_patience=3)
     callback.on_train_begin(Args, state, None)
     assert callback.early_stopping_patience_counter == 0  # 1.45 is the best so far
+
+
+def test_validate_says_when_nothing_would_be_evaluated_before_the_end(tiny_gpt2, tmp_path, monkeypatch, capsys):
+    """Evaluations come at epoch ends without train.eval_every: a run shorter than an epoch would
+    never act on early stopping or keep_best. lora validate (and lora train) say so."""
+    from tests.helpers import lora_in_process
+
+    data = write_jsonl(tmp_path / "train.jsonl", [{"prompt": q + "\n", "completion": a} for q, a in PAIRS] * 4)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {{name: {tiny_gpt2}}}\ndata: {{train: {data}, val_split: 0.25, max_length: 32}}\n"
+                      "train: {max_steps: 2, batch_size: 4, early_stopping_patience: 2, keep_best: true}\n")
+    code, out, err = lora_in_process(monkeypatch, capsys, "validate", recipe, "--preview", "0")
+    assert code == 0, err
+    assert ("note: train.early_stopping_patience and keep_best act on evaluations during training, and there "
+            "is none: train.max_steps 2 ends the run within its first epoch (6 steps); set train.eval_every") in out
+    code, out, err = lora_in_process(monkeypatch, capsys, "validate", recipe, "--preview", "0", "train.eval_every=1")
+    assert code == 0 and "act on evaluations" not in out, err

@@ -26,7 +26,7 @@ from typing import Any
 from lora_cli import ranks
 from lora_cli.allocator import INSTALL_HINT, active_allocator
 from lora_cli.data.mixing import source_paths
-from lora_cli.errors import Interrupted, RunDirError
+from lora_cli.errors import Interrupted, RecipeError, RunDirError
 from lora_cli.fsutil import atomic_write_text
 from lora_cli.recipe.schema import Recipe
 from lora_cli.recipe.show import dump_recipe, marked_recipe_lines
@@ -122,6 +122,9 @@ def _open_run(recipe: Recipe, recipe_path: str | None, *, resume: bool, overwrit
         import torch
 
         distributed.check_engine_supports(recipe.model.quantization, cuda=torch.cuda.is_available())
+        if recipe.train.keep_best:  # (loading the best weights back is written for whole, unsharded adapters)
+            raise RecipeError("train.keep_best", [f"not supported with {ranks.engine()}: the adapter is sharded"],
+                              "Train with DDP (lora train RECIPE --num-processes N), or drop train.keep_best.")
     # Files this run reads: a directory holding one is never deleted to make room for the run.
     data = recipe.data
     keep = [recipe_path, recipe.model.name, *source_paths(data.train), *source_paths(data.validation or [])]

@@ -298,7 +298,8 @@ def _cross_checks(recipe: Recipe, lines: dict) -> list[str]:
 
 def _mix_checks(d, lines: dict) -> list[str]:
     """data.train entries: weights on every entry or on none; data.mix_stopping only for a mix."""
-    entries = [e for e in d.train if not isinstance(e, str)] if isinstance(d.train, list) else []
+    # (in a list that holds a mapping, every item is an entry: _build_entries)
+    entries = d.train if isinstance(d.train, list) and not all(isinstance(e, str) for e in d.train) else []
     weighted = [i for i, e in enumerate(entries) if e.weight is not None]
     if weighted and len(weighted) < len(d.train):
         i = next(i for i in range(len(d.train)) if i not in weighted)
