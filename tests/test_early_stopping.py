@@ -46,6 +46,8 @@ def test_a_run_that_overfits_stops_early_and_saves_its_best_adapter(tiny_gpt2, t
     # It stopped `patience` evaluations after the best, none of which improved on it.
     assert sorted(evals)[-3:] == [best, best + 2, best + 4] == [best, best + 2, final["global_step"]]
     assert final["best_step"] == best and final["best_eval_loss"] == evals[best] == final["eval_loss"]
+    card = (run / "adapter" / "README.md").read_text()
+    assert f"| adapter from step | {best} (lowest eval loss" in card and "| stopped early |" in card
 
     # The saved adapter is the best checkpoint's (which the rotation kept, save_total_limit 1
     # notwithstanding), not the last step's.
