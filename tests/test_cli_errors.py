@@ -20,10 +20,25 @@ import pytest
 from tests.helpers import completion_rows
 
 
-def _recipe(body: str = "", *, model: str = "{model}", data: str = "{tmp}/good.jsonl") -> str:
-    """A valid recipe with `body` appended: YAML merges nothing, so a body repeats no section."""
-    head = f"model:\n  name: {model}\ndata:\n  train: {data}\n  max_length: 64\n"
+def _recipe(body: str = "", *, model: str = "{model}", data: str = "{tmp}/good.jsonl", data_keys: str = "") -> str:
+    """A valid recipe with `body` appended: YAML merges nothing, so a body repeats no section.
+    `data_keys` are more lines of the data section (indented)."""
+    head = f"model:\n  name: {model}\ndata:\n  train: {data}\n  max_length: 64\n{data_keys}"
     return head + body
+
+
+def _mix(*entries: str, data_keys: str = "", body: str = "") -> str:
+    """A recipe whose data.train is the list of `entries` (each a YAML flow mapping)."""
+    items = "".join(f"\n    - {e}" for e in entries)
+    return f"model:\n  name: {{model}}\ndata:\n  max_length: 64\n{data_keys}  train:{items}\n" + body
+
+
+def T(id, recipe_text, expect, files=None, env=None):
+    """`lora train` on bad input a new user would give: the error alone, never under the recipe."""
+    return R(id, recipe_text, 2, expect, files=files, command="train", env=env)
+
+
+ONE_ROW = json.dumps({"prompt": "a", "completion": "b"}) + "\n"
 
 
 @dataclass
@@ -321,6 +336,77 @@ CASES = [
     Case("serve-bad-name", ["serve", "=runs/x"], 2, ["'=runs/x' is not RUN or NAME=RUN", "hint:"]),
     Case("serve-bad-port", ["serve", "--port", "70000", "{tmp}/run"], 2, ["--port must be in 0-65535", "hint:"]),
     Case("chat-missing-run", ["chat", "{tmp}/no-such-run"], 2, ["{tmp}/no-such-run does not exist", "hint:"]),
+    # ---- data.train entries (a weighted mix, data/mixing.py)
+    R("mix-weight-zero", _mix("{path: good.jsonl, weight: 1}", "{path: good.jsonl, weight: 0}"), 2,
+      ["line 7", "'data.train[1].weight' must be > 0, got 0.0", "hint:"]),
+    R("mix-weight-negative", _mix("{path: good.jsonl, weight: -0.5}"), 2, ["'data.train[0].weight' must be > 0"]),
+    R("mix-weight-not-a-number", _mix("{path: good.jsonl, weight: lots}"), 2,
+      ["'data.train[0].weight' must be a number or null, got 'lots'"]),
+    R("mix-missing-path", _mix("{path: good.jsonl, weight: 1}", "{weight: 1}"), 2,
+      ["line 7", "'data.train[1].path' is missing"]),
+    R("mix-unknown-entry-key", _mix("{pth: good.jsonl, weight: 1}"), 2,
+      ["unknown key 'data.train[0].pth' in data.train[0]: did you mean 'path'?"]),
+    R("mix-entry-not-a-mapping", _mix("{path: good.jsonl, weight: 1}", "5"), 2,
+      ["'data.train[1]' must be a file path or a mapping {path, weight, format, split, max_rows}, got 5"]),
+    R("mix-some-weights", _mix("{path: good.jsonl, weight: 1}", "{path: good.jsonl}"), 2,
+      ["'data.train[1]' has no weight, and 'data.train[0]' has one: give every entry a weight"]),
+    R("mix-max-rows-zero", _mix("{path: good.jsonl, weight: 1, max_rows: 0}"), 2,
+      ["'data.train[0].max_rows' must be ≥ 1, got 0"]),
+    R("mix-bad-format", _mix("{path: good.jsonl, weight: 1, format: csv}"), 2,
+      ["'data.train[0].format' must be one of 'auto', 'text'"]),
+    R("mix-stopping-without-weights", _recipe(data_keys="  mix_stopping: all_exhausted\n"), 2,
+      ["line 6", "data.mix_stopping applies to a weighted mix"]),
+    R("mix-stopping-unknown", _mix("{path: good.jsonl, weight: 1}", data_keys="  mix_stopping: never\n"), 2,
+      ["'data.mix_stopping' must be one of 'first_exhausted', 'all_exhausted', got 'never'"]),
+    R("mix-path-not-found", _mix("{path: good.jsonl, weight: 1}", "{path: nothere.jsonl, weight: 1}"), 2,
+      ["data file not found", "nothere.jsonl", "hint: check the path"]),
+    R("mix-split-on-local-file", _mix("{path: good.jsonl, weight: 1, split: test}"), 2,
+      ["data.train[0].split: good.jsonl is a local file, and split (test) applies to hub datasets", "hint:"]),
+    R("mix-val-split-empties-a-source", _mix("{path: one.jsonl, weight: 1}", data_keys="  val_split: 0.5\n"), 2,
+      ["would hold out 1 of the 1 row of one.jsonl", "hint:"], files={"one.jsonl": ONE_ROW}),
+    # ---- early stopping and the best adapter
+    R("early-stopping-without-validation", _recipe("train:\n  early_stopping_patience: 3\n"), 2,
+      ["line 7", "train.early_stopping_patience needs validation data", "data.val_split"]),
+    R("keep-best-without-validation", _recipe("train:\n  keep_best: true\n"), 2,
+      ["line 7", "train.keep_best needs validation data"]),
+    R("early-stopping-patience-zero", _recipe("train:\n  early_stopping_patience: 0\n"), 2,
+      ["'train.early_stopping_patience' must be ≥ 1, got 0"]),
+    R("early-stopping-threshold-negative",
+      _recipe("train:\n  early_stopping_patience: 2\n  early_stopping_threshold: -0.1\n",
+              data_keys="  val_split: 0.2\n"), 2,
+      ["'train.early_stopping_threshold' must be ≥ 0, got -0.1"]),
+    R("early-stopping-threshold-alone", _recipe("train:\n  early_stopping_threshold: 0.1\n",
+                                                data_keys="  val_split: 0.2\n"), 2,
+      ["train.early_stopping_threshold needs train.early_stopping_patience"]),
+    R("keep-best-not-a-bool", _recipe("train:\n  keep_best: maybe\n"), 2,
+      ["'train.keep_best' must be true or false, got 'maybe'"]),
+    R("keep-best-saves-elsewhere",
+      _recipe("train:\n  keep_best: true\n  eval_every: 10\n  save_every: 25\n", data_keys="  val_split: 0.2\n"),
+      2, ["train.keep_best saves a checkpoint at every evaluation", "train.eval_every (10)"]),
+    # ---- `lora train` as a new user meets it: the error alone, before the recipe and the model
+    T("train-data-path-typo", _recipe(data="data/trian.jsonl"), ["data file not found", "data/trian.jsonl"]),
+    T("train-data-no-extension", _recipe(data="good"), ["data file not found: good", "did you mean good.jsonl"]),
+    T("train-model-missing", _recipe(model="./models/my-model"),
+      ["model.name: ./models/my-model is not an existing path", "hint:"]),
+    T("train-model-no-config", _recipe(model="{tmp}/mymodel"), ["not a model directory (no config.json)"],
+      files={"mymodel/weights.txt": "x"}),
+    T("train-data-empty", _recipe(data="{tmp}/empty.jsonl"), ["empty.jsonl: no rows"], files={"empty.jsonl": ""}),
+    T("train-data-one-json-document", _recipe(data="{tmp}/doc.jsonl"),
+      ["doc.jsonl", "one JSON document spread over many lines"],
+      files={"doc.jsonl": '[\n  {"prompt": "a", "completion": "b"}\n]\n'}),
+    T("train-chat-unknown-role", _recipe(model="{chat_model}", data="{tmp}/roles.jsonl"), ["roles.jsonl row 1", "bot"],
+      files={"roles.jsonl": json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                     {"role": "bot", "content": "yo"}]}) + "\n"}),
+    T("train-chat-without-template", _recipe(data="{tmp}/chat.jsonl"), ["needs a tokenizer with a chat template"],
+      files={"chat.jsonl": json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                    {"role": "assistant", "content": "yo"}]}) + "\n"}),
+    T("train-row-too-long", _recipe(data="{tmp}/long.jsonl", data_keys="  too_long: error\n"),
+      ["long.jsonl row 1", "longer than max_length 64", "hint:"],
+      files={"long.jsonl": json.dumps({"prompt": "a", "completion": "word " * 200}) + "\n"}),
+    T("train-validation-missing", _recipe(data_keys="  validation: {tmp}/val.jsonl\n"),
+      ["data file not found", "val.jsonl"]),
+    T("train-max-length-past-positions", _recipe().replace("max_length: 64", "max_length: 4096"),
+      ["data.max_length: 4096 is beyond the model's context of 256 tokens"]),
 ]
 
 
@@ -378,3 +464,5 @@ def test_bad_input_gets_a_clear_error(results, case_id):
         text = _fill(text, where, {"model": "", "chat_model": ""})
         assert " ".join(text.split()) in err, f"{text!r} not in:\n{proc.stderr[-3000:]}"
     assert len(proc.stderr.splitlines()) <= 25, "one short message, not a screenful"
+    output = proc.stdout.splitlines() + proc.stderr.splitlines()
+    assert len(output) <= 40, f"the error fits on one screen, not under the recipe:\n{proc.stdout[:3000]}"

@@ -30,6 +30,10 @@ def adapter_model_card(recipe: Recipe, *, run_name: str, report, trainable: int,
     metrics = [f"| final train loss | {final['train_loss']:.4f} |", f"| steps | {final.get('global_step')} |"]
     if "eval_loss" in final:
         metrics.insert(1, f"| final eval loss | {final['eval_loss']:.4f} |")
+    if final.get("stopped_early"):
+        metrics.append("| stopped early | eval loss no longer improving (train.early_stopping_patience) |")
+    if "best_step" in final:  # train.keep_best: this adapter is that step's, the eval loss above its
+        metrics.append(f"| adapter from step | {final['best_step']} (lowest eval loss; train.keep_best) |")
     lines = [
         "---",
         yaml.safe_dump(front, sort_keys=False).rstrip(),

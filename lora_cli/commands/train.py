@@ -1,11 +1,15 @@
 """`lora train`: recipe -> run directory -> data + model -> HF Trainer -> runs/<name>/adapter.
 
 Read in the order it runs:
-  run()        the run's lifecycle: open it, train (training/session.py: data, model, the
-               Trainer, the loop, the adapter saved), and record how it ended (completed,
-               interrupted, failed), whatever stops it
+  run()        the run's lifecycle: open it, read and check what it trains on (training/inputs.py:
+               model source, tokenizer, data), print the resolved recipe, train
+               (training/session.py: model, the Trainer, the loop, the adapter saved), and record
+               how it ended (completed, interrupted, failed), whatever stops it
   _open_run()  create or check the run directory, decide where a --resume continues, record the
-               start, print the resolved recipe (main process only)
+               start (main process only)
+
+The recipe is printed only once the inputs are checked: an error (a data path's typo, a missing
+model directory, a bad row) is the whole output, on one screen.
 
 Under `accelerate launch` every rank runs this; only the main one touches the run directory: it
 goes first, the others wait and share its result or its failure (training/distributed.py).
@@ -21,7 +25,8 @@ from typing import Any
 
 from lora_cli import ranks
 from lora_cli.allocator import INSTALL_HINT, active_allocator
-from lora_cli.errors import Interrupted, RunDirError
+from lora_cli.data.mixing import source_paths
+from lora_cli.errors import Interrupted, RecipeError, RunDirError
 from lora_cli.fsutil import atomic_write_text
 from lora_cli.recipe.schema import Recipe
 from lora_cli.recipe.show import dump_recipe, marked_recipe_lines
@@ -30,6 +35,7 @@ from lora_cli.run.paths import RunPaths
 from lora_cli.run.processes import process_identity
 from lora_cli.run.record import library_versions, read_record, timestamp, to_json, update_record
 from lora_cli.training import distributed
+from lora_cli.training.inputs import read_inputs
 from lora_cli.training.optimizers import check_optimizer
 from lora_cli.training.preflight import check_trackers
 from lora_cli.training.resume import check_resumable, resume_checkpoint
@@ -52,7 +58,7 @@ def run(recipe: Recipe, *, recipe_path: str | None, resume: bool, overwrite: boo
     check_trackers(recipe)  # a missing tracker package fails now, not after loading the model
     check_optimizer(recipe)  # so does an optimizer this machine cannot run
     distributed.init()
-    paths, checkpoint, finished = distributed.main_first(
+    paths, checkpoint, finished, recipe_lines = distributed.main_first(
         lambda: _open_run(recipe, recipe_path, resume=resume, overwrite=overwrite, overrides=overrides)
     )
     if finished is not None:  # --resume of a completed run: nothing to train (_open_run said so)
@@ -68,12 +74,17 @@ def run(recipe: Recipe, *, recipe_path: str | None, resume: bool, overwrite: boo
             return False
 
     try:
+        inputs = read_inputs(recipe)  # model source, tokenizer, data: every cheap check, nothing printed
+        if main:  # valid recipe, inputs checked, run directory open: show what this run trains with
+            print(f"recipe (resolved; lora validate {recipe_path or 'RECIPE'} shows the data preview):")
+            for line in recipe_lines:
+                print(line)
         # The training stack (transformers' Trainer: ~6 s to import) loads only now, once the run
-        # directory is open: a run that cannot start says so at once. The one import of our own
-        # modules inside a function outside cli.py (tests/test_architecture.py lists it).
+        # directory is open and its inputs checked: a run that cannot start says so at once. The one
+        # import of our own modules inside a function outside cli.py (tests/test_architecture.py lists it).
         from lora_cli.training import session
 
-        model, final = session.train(recipe, paths, checkpoint)
+        model, final = session.train(recipe, paths, checkpoint, inputs)
         return TrainResult(paths, model, final)
     except Interrupted:
         if main and not completed():
@@ -103,17 +114,22 @@ def run(recipe: Recipe, *, recipe_path: str | None, resume: bool, overwrite: boo
 
 
 def _open_run(recipe: Recipe, recipe_path: str | None, *, resume: bool, overwrite: bool,
-              overrides: list[str] | tuple[str, ...] = ()) -> tuple[RunPaths, Path | None, dict | None]:
-    """Create or check the run directory, record the start and print the resolved recipe (main
-    process only: the other ranks print nothing of it). The third value is the final metrics of a
-    completed run that --resume found with nothing left to do (None: train)."""
-    import torch  # (here: a recipe or a run that cannot start is said without loading it)
+              overrides: list[str] | tuple[str, ...] = ()) -> tuple[RunPaths, Path | None, dict | None, list[str]]:
+    """Create or check the run directory and record the start (main process only). The third
+    value is the final metrics of a completed run that --resume found with nothing left to do
+    (None: train); the fourth the resolved recipe's lines, each value marked with where it came
+    from, which run() prints once the run's inputs are checked."""
+    if ranks.engine() not in ("single", "ddp"):  # FSDP / DeepSpeed refuse some quantizations
+        # (torch only here and only then: a plain run whose inputs are wrong says so without it)
+        import torch
 
-    distributed.check_engine_supports(recipe.model.quantization, cuda=torch.cuda.is_available())
+        distributed.check_engine_supports(recipe.model.quantization, cuda=torch.cuda.is_available())
+        if recipe.train.keep_best:  # (loading the best weights back is written for whole, unsharded adapters)
+            raise RecipeError("train.keep_best", [f"not supported with {ranks.engine()}: the adapter is sharded"],
+                              "Train with DDP (lora train RECIPE --num-processes N), or drop train.keep_best.")
     # Files this run reads: a directory holding one is never deleted to make room for the run.
     data = recipe.data
-    keep = [recipe_path, recipe.model.name, *([data.train] if isinstance(data.train, str) else data.train),
-            *([data.validation] if isinstance(data.validation, str) else data.validation or [])]
+    keep = [recipe_path, recipe.model.name, *source_paths(data.train), *source_paths(data.validation or [])]
     paths = prepare_run_dir(recipe.output_dir, resume=resume, overwrite=overwrite, keep=keep)
     checkpoint = None
     if resume:
@@ -124,7 +140,7 @@ def _open_run(recipe: Recipe, recipe_path: str | None, *, resume: bool, overwrit
             final = to_json(record.final) if record.final is not None else {}
             print(f"{paths.root} is already complete (step {final.get('global_step', '?')}): nothing to do; "
                   f"the adapter is in {paths.adapter}")
-            return paths, None, final
+            return paths, None, final, []
         checkpoint = resume_checkpoint(paths, record)
         print(
             f"resuming {paths.root} from {checkpoint.name}"
@@ -139,11 +155,9 @@ def _open_run(recipe: Recipe, recipe_path: str | None, *, resume: bool, overwrit
             created_at_unix=time.time(),
             num_processes=ranks.world_size(),
         )
-    # Valid recipe, run directory open: show what this run trains with, as `lora validate` does.
-    # Read before recipe.yaml is rewritten below (a resumed run directory's recipe is that file).
-    print(f"recipe (resolved; lora validate {recipe_path or 'RECIPE'} shows the data preview):")
-    for line in marked_recipe_lines(recipe, recipe_path, overrides):
-        print(line)
+    # Where each value came from, read before recipe.yaml is rewritten below (a resumed run
+    # directory's recipe is that file).
+    recipe_lines = marked_recipe_lines(recipe, recipe_path, overrides)
     atomic_write_text(paths.recipe, dump_recipe(recipe))
     allocator = active_allocator()
     if allocator == "system" and os.environ.get("LORA_ALLOCATOR") != "system":
@@ -156,6 +170,6 @@ def _open_run(recipe: Recipe, recipe_path: str | None, *, resume: bool, overwrit
         **process_identity(),
         allocator=allocator,  # pid, start time, host: whether the run is still alive
     )
-    return paths, checkpoint, None
+    return paths, checkpoint, None, recipe_lines
 
 

@@ -13,7 +13,7 @@ import dataclasses
 from lora_cli.console import quiet_libraries
 from lora_cli.data.prepare import prepare_data
 from lora_cli.data.preview import print_preview
-from lora_cli.data.records import load_with_locations
+from lora_cli.data.records import check_sources, load_with_locations
 from lora_cli.data.tokenize import tokenize_records
 from lora_cli.errors import DataError
 from lora_cli.model.facts import check_max_length, load_model_config
@@ -33,14 +33,15 @@ def run(
     preview: int = 2,
     estimate: bool = True,
 ) -> None:
-    quiet_libraries()
-    print("recipe: valid")
-    for line in marked_recipe_lines(recipe, recipe_path, overrides):
-        print(line)
+    # Model, tokenizer and data are checked before anything is printed: an error (a data path's
+    # typo, a bad row) is the whole output, not a line under the 50-line recipe. What needs no
+    # library comes first (a model path, the data paths).
     check_trackers(recipe)
     check_optimizer(recipe)
     source = resolve_model_source(recipe.model)
-    print(f"model: {source.description}")
+    check_sources(recipe.data.train)
+    check_sources(recipe.data.validation, "data.validation")
+    quiet_libraries()
     tokenizer = load_tokenizer(recipe.model, source)
     config = load_model_config(recipe.model)
     # an error for learned positions (a longer row cannot run), a warning for RoPE / ALiBi
@@ -48,11 +49,18 @@ def run(
     data = prepare_data(recipe.data, tokenizer, seed=recipe.train.seed, batch_size=recipe.train.batch_size)
     if context_warning:
         data.report.warnings.append(context_warning)
+    print("recipe: valid")
+    for line in marked_recipe_lines(recipe, recipe_path, overrides):
+        print(line)
+    print(f"model: {source.description}")
     for line in data.report.lines(full=True):
         print(line)
     for note in ignored_settings(recipe, data):
         print(f"note: {note}")
-    if preview > 0:
+    if preview > 0 and data.preview:  # a mix: its first examples, as they are drawn
+        shown = data.preview[:preview]
+        print_preview([example for example, _ in shown], [where for _, where in shown], tokenizer)
+    elif preview > 0:
         _preview(recipe, data.report.format, tokenizer, preview)
     if estimate:
         # The memory model builds the model on torch's meta device (torch, peft): loaded only now,

@@ -19,6 +19,7 @@ from pathlib import Path
 from lora_cli.console import first_line, type_name
 from lora_cli.errors import DataError
 from lora_cli.hub import looks_like_hub_id
+from lora_cli.recipe.schema import DataSource
 
 MAX_SHOWN = 5  # bad rows quoted in one error; the rest are only counted
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
@@ -65,15 +66,42 @@ def load_with_locations(spec: str | Path | list) -> tuple[list[dict], list[str]]
         raise DataError("no data files given", "set data.train to a file, a list of files or a hub dataset id")
     records: list[dict] = []
     where: list[str] = []
-    for one in specs:
-        r, w = _load_one(str(one))
+    for i, one in enumerate(specs):
+        if isinstance(one, DataSource):  # an entry of a mix (data/mixing.py): its rows, in turn
+            r, w = load_source(one.path, split=one.split, name=f"data.train[{i}]")
+            r, w = r[: one.max_rows], w[: one.max_rows]
+        else:
+            r, w = _load_one(str(one))
         records += r
         where += w
     return records, where
 
 
-def _load_one(spec: str) -> tuple[list[dict], list[str]]:
+def load_source(spec: str, *, split: str | None = None, name: str = "data.train") -> tuple[list[dict], list[str]]:
+    """The rows of one file or hub dataset (`split`: a hub dataset's split; `name` says which
+    entry of the recipe asked for it, in the error when a local file is given a split)."""
+    _check_source(spec, split=split, name=name)
+    return _load_one(spec, split=split)
+
+
+def check_sources(spec: str | Path | list | None, name: str = "data.train") -> None:
+    """Every file `spec` names exists, is a file and has a type we read (a hub id is taken on
+    trust): a typo in a path is said in a blink, before a tokenizer is loaded or a row read."""
+    for i, one in enumerate([spec] if isinstance(spec, (str, Path)) else list(spec or [])):
+        if isinstance(one, DataSource):
+            _check_source(one.path, split=one.split, name=f"{name}[{i}]")
+        else:
+            _check_source(str(one))
+
+
+def _check_source(spec: str, split: str | None = None, name: str = "data.train") -> bool:
+    """The errors of a path that cannot be read (True: it is a hub dataset id)."""
     path = Path(spec).expanduser()
+    if split is not None and path.exists():
+        raise DataError(
+            f"{name}.split: {spec} is a local file, and split ({split}) applies to hub datasets",
+            f"remove split from {name}, or name the file that holds the rows you want",
+        )
     if not path.exists():
         # `data/chat` for data/chat.jsonl would otherwise be tried on the hub (slow retries, then
         # an error about the hub)
@@ -83,7 +111,7 @@ def _load_one(spec: str) -> tuple[list[dict], list[str]]:
                 f"data file not found: {spec}", f"did you mean {' or '.join(near)}? Data files need their extension"
             )
         if _looks_like_hub_id(spec):
-            return _load_hub(spec)
+            return True
         raise DataError(
             f"data file not found: {path.resolve()}",
             f"check the path; relative paths are relative to the current directory ({Path.cwd()})",
@@ -93,13 +121,19 @@ def _load_one(spec: str) -> tuple[list[dict], list[str]]:
             f"{spec} is a directory, not a data file",
             "name the files inside it, e.g. data.train: [dir/part1.jsonl, dir/part2.jsonl]",
         )
-    loader = _LOADERS.get(path.suffix.lower())
-    if loader is None:
+    if path.suffix.lower() not in _LOADERS:
         raise DataError(
             f"{spec}: unsupported file type '{path.suffix or '(no extension)'}'",
             f"use one of {' '.join(SUFFIXES)}, or a hub dataset id (owner/name)",
         )
-    records, where = loader(path, spec)
+    return False
+
+
+def _load_one(spec: str, split: str | None = None) -> tuple[list[dict], list[str]]:
+    if _check_source(spec):
+        return _load_hub(spec, split or "train")
+    path = Path(spec).expanduser()
+    records, where = _LOADERS[path.suffix.lower()](path, spec)
     if not records:
         empty = (
             "only a header"
@@ -114,18 +148,18 @@ def _looks_like_hub_id(spec: str) -> bool:
     return Path(spec).suffix == "" and looks_like_hub_id(spec)
 
 
-def _load_hub(spec: str) -> tuple[list[dict], list[str]]:
+def _load_hub(spec: str, split: str = "train") -> tuple[list[dict], list[str]]:
     try:
         import datasets
 
-        rows = datasets.load_dataset(spec, split="train").to_list()
-    except Exception as e:  # offline, unknown id, gated, no 'train' split, ...
+        rows = datasets.load_dataset(spec, split=split).to_list()
+    except Exception as e:  # offline, unknown id, gated, no such split, ...
         raise DataError(
             f"could not load hub dataset '{spec}' (and no local file of that name exists): {first_line(e)}",
             "without network access (or with HF_DATASETS_OFFLINE=1) pass a local file instead: " + " ".join(SUFFIXES),
         ) from None
     if not rows:
-        raise DataError(f"hub dataset '{spec}' has no rows in its train split")
+        raise DataError(f"hub dataset '{spec}' has no rows in its {split} split")
     return rows, [f"hub dataset {spec} row {i}" for i in range(1, len(rows) + 1)]
 
 

@@ -35,6 +35,7 @@ class TokenizeCounts:
     dropped_where: list[str] = dataclasses.field(default_factory=list)
     no_supervised_where: list[str] = dataclasses.field(default_factory=list)
     eos_last: int = 0  # kept examples with EOS among their supervised tokens (the model learns to stop)
+    truncated_examples: int | None = None  # a mix (data/mixing.py): truncated examples among those trained on
 
 
 @dataclass
@@ -79,6 +80,11 @@ class DataReport:
     batch_padding_fraction: float | None = None  # unpacked: padding to the longest in each batch
     packing_would_leave: float | None = None  # unpacked: the padding fraction packing would leave
     warnings: list[str] = dataclasses.field(default_factory=list)  # problems, each with its fix
+    # A weighted mix (data/mixing.py): per source {source, weight, format, rows, examples, used,
+    # share}, and what one epoch of it is (data.mix_stopping; None: every row of each source once).
+    mix: list[dict] = dataclasses.field(default_factory=list)
+    mix_stopping: str | None = None
+    mix_seed: int | None = None
 
     def lines(self, full: bool = False) -> list[str]:
         """The report; `full` (lora validate) adds the length histogram and the row lists."""
@@ -120,6 +126,7 @@ class DataReport:
     def _counts_lines(self) -> list[str]:
         detected = " (auto-detected)" if self.format_detected else ""
         out = [f"data: {plural(self.rows, 'row')} from {', '.join(self.sources)}, format {self.format}{detected}"]
+        out += self._mix_lines()
         share = self.supervised_tokens / self.train_tokens if self.train_tokens else 0.0
         out.append(
             f"train: {plural(self.train_rows, 'example')}, {plural(self.train_tokens, 'token')} "
@@ -157,6 +164,25 @@ class DataReport:
         return out + self.notes
 
 
+    def _mix_lines(self) -> list[str]:
+        """Each source's rows and share of the training examples (data.train entries)."""
+        if not self.mix:
+            return []
+        used = sum(s["used"] for s in self.mix)
+        if self.mix_stopping is None:
+            out = [f"sources: every example of each, once ({plural(used, 'example')})"]
+        else:
+            until = {"first_exhausted": "until the first source runs out, no example repeated",
+                     "all_exhausted": "until every source is used whole, smaller ones repeated"}[self.mix_stopping]
+            out = [f"mix by weight: {plural(used, 'example')} per epoch, {until} (data.mix_stopping: "
+                   f"{self.mix_stopping}, seed {self.mix_seed})"]
+        for s in self.mix:
+            weight = f"weight {s['weight']:g}, " if s["weight"] is not None else ""
+            out.append(f"  {s['source']}: {weight}{plural(s['rows'], 'row')} -> {plural(s['examples'], 'example')}, "
+                       f"{s['used']} in the mix ({s['share']:.1%})")
+        return out
+
+
 def add_details(report: DataReport, counts: TokenizeCounts, tokenizer, *, seed: int, batch_size: int | None) -> None:
     """Length distribution, which rows were cut, and whether examples teach the model to stop."""
     report.length_stats = stats.summary(counts.raw_lengths)
@@ -169,7 +195,8 @@ def add_details(report: DataReport, counts: TokenizeCounts, tokenizer, *, seed: 
     report.pad_is_eos = tokenizer.pad_token_id is not None and tokenizer.pad_token_id == tokenizer.eos_token_id
     # Truncated examples lose their EOS by design (the report lists them); any other example
     # without a supervised EOS teaches the model never to stop.
-    missing = report.train_rows - counts.eos_last - counts.truncated
+    truncated = counts.truncated if counts.truncated_examples is None else counts.truncated_examples
+    missing = report.train_rows - counts.eos_last - truncated
     if missing > 0:
         # (not a certain cause: a conversation that ends with a user turn has no answer to end either)
         cause = (" (the pad token is EOS here: check that nothing masked it like padding)" if report.pad_is_eos else "")

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from lora_cli.errors import RecipeError
-from lora_cli.recipe.schema import Recipe, UnionType, describe_type, section_classes
+from lora_cli.recipe.schema import Recipe, UnionType, describe_type, entry_class, section_classes
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -82,6 +82,11 @@ def _collect_lines(node: Any, prefix: tuple, lines: dict[tuple, int]) -> None:
             key = (*prefix, key_node.value)
             lines[key] = key_node.start_mark.line + 1
             _collect_lines(value_node, key, lines)
+    elif isinstance(node, yaml.SequenceNode) and prefix:  # list items: ("data", "train[1]", "weight")
+        for i, item in enumerate(node.value):
+            key = (*prefix[:-1], f"{prefix[-1]}[{i}]")
+            lines[key] = item.start_mark.line + 1
+            _collect_lines(item, key, lines)
 
 
 def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...], source: str) -> dict:
@@ -153,11 +158,38 @@ def _build_section(cls: type, raw: dict, path: tuple, lines: dict, problems: lis
             problems.append(_unknown_key(key_path, list(fields), lines))
             continue
         before = len(problems)
-        checked = _check_value(value, hints[key], key_path, lines, problems)
+        entry_cls = entry_class(hints[key])
+        if entry_cls is not None and isinstance(value, list) and any(isinstance(v, dict) for v in value):
+            checked = _build_entries(entry_cls, value, key_path, lines, problems)
+        else:
+            checked = _check_value(value, hints[key], key_path, lines, problems)
         if len(problems) == before:
             _check_range(checked, fields[key].metadata.get("range"), key_path, lines, problems)
             values[key] = checked
-    return cls(**values)
+    missing = [f.name for f in fields.values() if f.name not in values and _required(f)]
+    for name in missing:
+        problems.append(f"{_where(path, lines)}'{'.'.join((*path, name))}' is missing")
+    return None if missing else cls(**values)
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _build_entries(cls: type, items: list, path: tuple, lines: dict, problems: list[str]) -> list | None:
+    """A list of mappings (a plain string stands for {path: string}), each checked like a section;
+    their keys are named `data.train[1].weight`."""
+    entries = []
+    for i, item in enumerate(items):
+        item_path = (*path[:-1], f"{path[-1]}[{i}]")
+        if isinstance(item, str):
+            item = {"path": item}
+        if not isinstance(item, dict):
+            problems.append(f"{_where(item_path, lines)}'{'.'.join(item_path)}' must be a file path or "
+                            f"{describe_type(cls)}, got {item!r}")
+            continue
+        entries.append(_build_section(cls, item, item_path, lines, problems))
+    return entries
 
 
 def _unknown_key(path: tuple, known: list[str], lines: dict) -> str:
@@ -261,7 +293,7 @@ def _cross_checks(recipe: Recipe, lines: dict) -> list[str]:
         problems.append(f"{_where(('lora', 'target_modules'), lines)}'lora.target_modules' is an empty list")
     if isinstance(d.train, list) and not d.train:
         problems.append(f"{_where(('data', 'train'), lines)}'data.train' is an empty list")
-    return problems + _lora_init_checks(recipe, lines)
+    return problems + _lora_init_checks(recipe, lines) + _mix_checks(d, lines) + _early_stopping_checks(recipe, lines)
 
 
 def _lora_init_checks(recipe: Recipe, lines: dict) -> list[str]:
@@ -281,3 +313,44 @@ def _lora_init_checks(recipe: Recipe, lines: dict) -> list[str]:
         return [f"{where}lora.init={init} needs a full-precision base (model.quantization: none); "
                 "for a 4-bit base use lora.init: loftq"]
     return []
+
+
+def _mix_checks(d, lines: dict) -> list[str]:
+    """data.train entries: weights on every entry or on none; data.mix_stopping only for a mix."""
+    # (in a list that holds a mapping, every item is an entry: _build_entries)
+    entries = d.train if isinstance(d.train, list) and not all(isinstance(e, str) for e in d.train) else []
+    weighted = [i for i, e in enumerate(entries) if e.weight is not None]
+    if weighted and len(weighted) < len(d.train):
+        i = next(i for i in range(len(d.train)) if i not in weighted)
+        return [
+            f"{_where(('data', f'train[{i}]'), lines)}'data.train[{i}]' has no weight, and "
+            f"'data.train[{weighted[0]}]' has one: give every entry a weight (a weighted mix) or "
+            "none (every row of each source, once)"
+        ]
+    if not weighted and d.mix_stopping != "first_exhausted":
+        return [f"{_where(('data', 'mix_stopping'), lines)}data.mix_stopping applies to a weighted mix: "
+                "data.train as a list of {path, weight} entries"]
+    return []
+
+
+def _early_stopping_checks(recipe: Recipe, lines: dict) -> list[str]:
+    """Early stopping and keep_best judge by the eval loss: validation data, and (keep_best) a
+    checkpoint at every evaluation."""
+    t, d = recipe.train, recipe.data
+    problems = []
+    has_validation = d.validation is not None or d.val_split > 0
+    for key, value in (("early_stopping_patience", t.early_stopping_patience), ("keep_best", t.keep_best)):
+        if value and not has_validation:
+            problems.append(
+                f"{_where(('train', key), lines)}train.{key} needs validation data, to judge by the eval "
+                "loss: set data.validation (a file) or data.val_split (e.g. 0.1)"
+            )
+    if t.early_stopping_threshold > 0 and t.early_stopping_patience is None:
+        problems.append(f"{_where(('train', 'early_stopping_threshold'), lines)}train.early_stopping_threshold "
+                        "needs train.early_stopping_patience (the evaluations to wait)")
+    if t.keep_best and t.save_every is not None and t.save_every != t.eval_every:
+        problems.append(
+            f"{_where(('train', 'save_every'), lines)}train.keep_best saves a checkpoint at every evaluation: "
+            f"leave train.save_every unset or equal to train.eval_every ({t.eval_every or 'unset: every epoch'})"
+        )
+    return problems

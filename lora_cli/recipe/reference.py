@@ -10,7 +10,7 @@ import dataclasses
 import json
 import typing
 
-from lora_cli.recipe.schema import Recipe, describe_type, section_classes
+from lora_cli.recipe.schema import Recipe, describe_type, entry_class, section_classes
 
 HEADER = """# Recipe keys
 
@@ -27,6 +27,8 @@ This page is generated from the schema (`lora_cli/recipe/schema.py`):
 
 
 def _default(f: dataclasses.Field) -> str:
+    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        return "required"
     if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
         value = f.default_factory()  # type: ignore[misc]
     else:
@@ -60,6 +62,10 @@ def reference_markdown() -> str:
             lines.append(f"| `{section}.{f.name}` | {_escape(_allowed(hints[f.name], f.metadata.get('range')))} | "
                          f"{_escape(_default(f))} | {_escape(f.metadata['help'])} |")
         lines.append("")
+        for f in dataclasses.fields(cls):  # a list of mappings (data.train's entries): their keys
+            entry = entry_class(hints[f.name])
+            if entry is not None:
+                lines += _entry_table(f"{section}.{f.name}", entry)
     others = [name for name in top_fields if name not in section_classes()]
     lines += ["## Top-level keys", "", "| key | type | default | meaning |", "|---|---|---|---|"]
     for name in others:
@@ -68,6 +74,17 @@ def reference_markdown() -> str:
             f"| `{name}` | {_escape(describe_type(top_hints[name]))} | {_default(f)} | {_escape(f.metadata['help'])} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _entry_table(key: str, cls: type) -> list[str]:
+    hints = typing.get_type_hints(cls)
+    lines = [f"### `{key}` entries", "", f"{cls.__doc__.strip()} Its keys (a plain string in the list stands for "
+             "`{path: ...}`):", "",
+             "| key | type | default | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(cls):
+        lines.append(f"| `{f.name}` | {_escape(_allowed(hints[f.name], f.metadata.get('range')))} | "
+                     f"{_escape(_default(f))} | {_escape(f.metadata['help'])} |")
+    return [*lines, ""]
 
 
 if __name__ == "__main__":

@@ -95,18 +95,40 @@ class LoraSection:
     )
 
 
+DataFormat = Literal["auto", "text", "completion", "alpaca", "chat"]
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """An entry of `data.train` written as a mapping: one source of a weighted mix (docs/data.md)."""
+
+    path: str = field(metadata={"help": "A data file (.jsonl .json .csv .parquet .txt) or a hub dataset id.",
+                                "range": None})
+    weight: float | None = opt(
+        None,
+        "This source's share of the training examples, relative to the other entries' weights "
+        "(0.7 and 0.3, or 7 and 3). Give every entry a weight (a mix, data.mix_stopping says when "
+        "it ends) or none (every row of each source, once).",
+        range=(0, None, False, None),
+    )
+    format: DataFormat | None = opt(None, "This source's row format (default: data.format).")
+    split: str | None = opt(None, "Split of a hub dataset (default: train); a local file has one split.")
+    max_rows: int | None = opt(None, "Use only the first N rows of this source.", range=(1, None, True, None))
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    train: str | list[str] = opt(
+    train: str | list[str] | list[DataSource] = opt(
         "data/train.jsonl",
         "Training data: a file (.jsonl .json .csv .parquet .txt), a list of files, or a hub "
-        "dataset id. Relative paths are relative to the current directory.",
+        "dataset id. Relative paths are relative to the current directory. A list of mappings "
+        "{path, weight, format, split, max_rows} mixes sources by weight (see below and docs/data.md).",
     )
     validation: str | list[str] | None = opt(None, "Validation data: a file or list of files.")
     val_split: float = opt(
         0.0, "Fraction of the training rows held out for validation.", range=(0, 1, True, False)
     )
-    format: Literal["auto", "text", "completion", "alpaca", "chat"] = opt(
+    format: DataFormat = opt(
         "auto",
         "Row format. text: {text}; completion: {prompt, completion}; alpaca: {instruction, "
         "input, output}; chat: {messages: [{role, content}]}; auto: picked from the columns.",
@@ -125,6 +147,12 @@ class DataConfig:
     )
     system_prompt: str | None = opt(
         None, "chat: a system message added to every conversation that has none."
+    )
+    mix_stopping: Literal["first_exhausted", "all_exhausted"] = opt(
+        "first_exhausted",
+        "When a weighted mix (data.train entries with weights) ends, i.e. what one epoch is. "
+        "first_exhausted: when the first source runs out (no row repeats; the other sources are "
+        "sampled). all_exhausted: when every source has been used once (smaller sources repeat).",
     )
 
 
@@ -173,6 +201,21 @@ class TrainConfig:
     save_every: int | None = opt(
         None, "Save a resumable checkpoint every N steps (default: at the end of each epoch).",
         range=(1, None, True, None),
+    )
+    early_stopping_patience: int | None = opt(
+        None,
+        "Stop when the eval loss has not improved for this many evaluations in a row (HF's "
+        "EarlyStoppingCallback). Needs validation data; evaluations follow train.eval_every.",
+        range=(1, None, True, None),
+    )
+    early_stopping_threshold: float = opt(
+        0.0, "How much the eval loss must fall to count as an improvement (early stopping).",
+        range=(0, None, True, None),
+    )
+    keep_best: bool = opt(
+        False,
+        "Save the adapter of the evaluation with the lowest eval loss, not the last step's: a "
+        "checkpoint is saved at every evaluation and the best one is kept. Needs validation data.",
     )
     save_total_limit: int = opt(2, "Checkpoints to keep (oldest are removed).", range=(1, None, True, None))
     max_nonfinite_steps: int = opt(
@@ -230,6 +273,16 @@ def section_classes() -> dict[str, type]:
 UnionType = type(int | None)  # what `X | None` is at run time
 
 
+def entry_class(hint: Any) -> type | None:
+    """The dataclass X of a `... | list[X]` hint (data.train's DataSource), else None."""
+    for arg in typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, UnionType) else (hint,):
+        if typing.get_origin(arg) is list:
+            (item,) = typing.get_args(arg)
+            if dataclasses.is_dataclass(item):
+                return item
+    return None
+
+
 def describe_type(hint: Any) -> str:
     """A type hint as a user reads it: "one of 'none', '8bit'", "an integer or null"."""
     origin = typing.get_origin(hint)
@@ -242,4 +295,6 @@ def describe_type(hint: Any) -> str:
         return f"a list of {describe_type(item)}"
     if hint is type(None):
         return "null"
+    if dataclasses.is_dataclass(hint):
+        return "a mapping {" + ", ".join(f.name for f in dataclasses.fields(hint)) + "}"
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(hint, str(hint))

@@ -16,7 +16,12 @@ from lora_cli.recipe.schema import Recipe
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:
-    return dataclasses.asdict(recipe)
+    out = dataclasses.asdict(recipe)
+    train = out["data"]["train"]
+    if isinstance(train, list):  # data.train entries: only the keys that are set ({path, weight})
+        out["data"]["train"] = [{k: v for k, v in e.items() if v is not None} if isinstance(e, dict) else e
+                                for e in train]
+    return out
 
 
 def dump_recipe(recipe: Recipe) -> str:

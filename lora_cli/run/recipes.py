@@ -15,7 +15,7 @@ from lora_cli.data.records import load_records
 from lora_cli.errors import LoraError, RunDirError
 from lora_cli.model.dtypes import pin_dtypes
 from lora_cli.recipe.load import load_recipe
-from lora_cli.recipe.schema import Recipe
+from lora_cli.recipe.schema import DataSource, Recipe
 from lora_cli.run.paths import RunPaths
 from lora_cli.run.record import read_record
 
@@ -63,6 +63,8 @@ def with_run_paths(recipe: Recipe, paths: RunPaths) -> Recipe:
     def anchored(spec):
         if isinstance(spec, list):
             return [anchored(item) for item in spec]
+        if isinstance(spec, DataSource):  # an entry of a mix: its path
+            return dataclasses.replace(spec, path=anchored(spec.path))
         if not isinstance(spec, str) or Path(spec).expanduser().is_absolute():
             return spec
         there = Path(working_dir) / spec
@@ -93,7 +95,7 @@ def trained_on_chat(paths: RunPaths, recipe: Recipe) -> bool:
         data = None
     fmt = data.format if data is not None else None
     if fmt:
-        return fmt == "chat"
+        return "chat" in fmt.split("+")  # a mix of sources: "chat+completion"
     if recipe.data.format != "auto":
         return recipe.data.format == "chat"
     try:

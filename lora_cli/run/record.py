@@ -8,7 +8,8 @@
                     local_path (absolute, for a local base: eval / merge / generate use it)
     working_dir     what the recipe's relative data paths meant
     data            fingerprint (of the training files) and the data report
-    final           global_step, train_loss, eval_loss, skipped_steps
+    final           global_step, train_loss, eval_loss, skipped_steps, best_step, best_eval_loss,
+                    stopped_early
     params, timings, memory, error
 
 A key this version does not know (written by a newer one) is kept as it is; a field of the wrong
@@ -67,6 +68,9 @@ class FinalMetrics:
     train_loss: float | None = None  # mean over the whole run's finite steps, across --resume
     eval_loss: float | None = None
     skipped_steps: int | None = None  # steps whose loss was non-finite
+    best_step: int | None = None  # train.keep_best: the step whose adapter was saved (lowest eval loss)
+    best_eval_loss: float | None = None
+    stopped_early: bool | None = None  # train.early_stopping_patience stopped the run before its end
     extra: dict = field(default_factory=dict)
 
 

@@ -62,15 +62,16 @@ def _remove(path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def rotate(folder: Path, keep: int, newest: Path) -> None:
-    """Keep the `keep` newest complete checkpoints (always `newest`); drop incomplete ones and
-    leftovers of killed saves (called once the current save is in place)."""
+def rotate(folder: Path, keep: int, newest: Path, spare: Path | None = None) -> None:
+    """Keep the `keep` newest complete checkpoints (always `newest`, and `spare`: train.keep_best's
+    best one); drop incomplete ones and leftovers of killed saves (called once the current save is
+    in place)."""
     for path in folder.iterdir():
         if path.name.startswith(STAGING_PREFIX):
             shutil.rmtree(path, ignore_errors=True)
         elif checkpoint_step(path) is not None and path != newest and incomplete_reason(path):
             _remove(path)
-    complete = [p for _, p in complete_checkpoints(folder) if p != newest]
+    complete = [p for _, p in complete_checkpoints(folder) if p not in (newest, spare)]
     for path in complete[: max(0, len(complete) - (keep - 1))]:
         _remove(path)
 
@@ -106,7 +107,9 @@ def save_checkpoint_atomically(trainer, save, model, trial) -> None:
             (staging / final.name / "training_args.bin").unlink(missing_ok=True)
             os.replace(staging / final.name, final)
             shutil.rmtree(staging, ignore_errors=True)
-            rotate(run_dir, trainer.args.save_total_limit or 1 << 30, final)
+            best = trainer.state.best_global_step if getattr(trainer, "keep_best", False) else None
+            rotate(run_dir, trainer.args.save_total_limit or 1 << 30, final,
+                   spare=run_dir / f"checkpoint-{best}" if best else None)
     except BaseException as e:
         if main:
             shutil.rmtree(staging, ignore_errors=True)
@@ -115,4 +118,9 @@ def save_checkpoint_atomically(trainer, save, model, trial) -> None:
         raise
     finally:
         del trainer._get_output_dir  # back to the class's method
+        # (The Trainer points best_model_checkpoint at the staging path; it uses it only for
+        # load_best_model_at_end, which lora never sets, and to delete every other checkpoint at the
+        # end when save_total_limit is 1, which fails on a path that is gone. keep_best goes by
+        # state.best_global_step: training/early_stopping.py.)
+        trainer.state.best_model_checkpoint = None
 

@@ -6,6 +6,7 @@ silently dropped (`lora train` and `lora validate` both print them).
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 
 from lora_cli.errors import RecipeError
@@ -49,4 +50,13 @@ def ignored_settings(recipe: Recipe, data) -> list[str]:
         notes.append("data.train_on_prompt does nothing for text data: every token is trained on already")
     notes += unused_eval_settings(recipe, bool(data.validation))
     notes += optimizer_notes(recipe)
+    t = recipe.train
+    if (t.early_stopping_patience or t.keep_best) and not t.eval_every and t.max_steps:
+        per_epoch = math.ceil(len(data.train) / (t.batch_size * t.grad_accum))
+        if t.max_steps < per_epoch:  # evaluations come at the end of each epoch: none before the end
+            keys = " and ".join(k for k, v in (("early_stopping_patience", t.early_stopping_patience),
+                                                ("keep_best", t.keep_best)) if v)
+            notes.append(f"train.{keys} act on evaluations during training, and there is none: "
+                         f"train.max_steps {t.max_steps} ends the run within its first epoch "
+                         f"({per_epoch} steps); set train.eval_every")
     return notes

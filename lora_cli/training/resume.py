@@ -13,11 +13,12 @@ import json
 from pathlib import Path
 
 from lora_cli import ranks
+from lora_cli.data.mixing import source_paths
 from lora_cli.errors import RunDirError
 from lora_cli.fsutil import absolute_if_exists
 from lora_cli.model.sources import is_builtin
 from lora_cli.recipe.load import load_recipe
-from lora_cli.recipe.schema import Recipe
+from lora_cli.recipe.schema import DataSource, Recipe
 from lora_cli.recipe.show import recipe_to_dict
 from lora_cli.run.checkpoints import complete_checkpoints, latest_checkpoint
 from lora_cli.run.paths import RunPaths
@@ -37,7 +38,7 @@ RESUME_BENIGN_KEYS = {
 def data_fingerprint(spec) -> str:
     """sha256 over the training files' bytes (or the hub id), to detect changed data on resume."""
     digest = hashlib.sha256()
-    for item in [spec] if isinstance(spec, str) else list(spec):
+    for item in source_paths(spec):
         path = Path(item)
         if path.is_file():
             with path.open("rb") as f:
@@ -49,7 +50,7 @@ def data_fingerprint(spec) -> str:
 
 
 def _spec_text(spec) -> str:
-    return spec if isinstance(spec, str) else ", ".join(map(str, spec))
+    return ", ".join(source_paths(spec))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -94,6 +95,8 @@ def check_resumable(paths: RunPaths, recipe: Recipe) -> None:
 def _absolute_paths(recipe: Recipe) -> Recipe:
     """`recipe` with its relative model and data paths made absolute, where they exist here."""
     def absolute(spec):
+        if isinstance(spec, DataSource):  # an entry of a mix: its path
+            return dataclasses.replace(spec, path=absolute_if_exists(spec.path))
         return [absolute(item) for item in spec] if isinstance(spec, list) else absolute_if_exists(spec)
 
     data = dataclasses.replace(

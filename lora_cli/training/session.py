@@ -25,20 +25,18 @@ from lora_cli.artifacts.loss_plot import write_loss_plot
 from lora_cli.artifacts.model_card import adapter_model_card
 from lora_cli.console import human_bytes, quiet_libraries
 from lora_cli.data.packing import Collator
-from lora_cli.data.prepare import prepare_data
 from lora_cli.errors import Interrupted, LoraError, is_out_of_memory, out_of_memory_error
 from lora_cli.fsutil import atomic_directory
 from lora_cli.model.attach import attach_lora
 from lora_cli.model.dtypes import describe_precision
-from lora_cli.model.facts import check_model_context
-from lora_cli.model.loading import load_base_model, load_tokenizer
+from lora_cli.model.loading import load_base_model
 from lora_cli.model.lora_init import (
     initial_adapter,
     save_adapter,
     sharded_conversion_error,
     weights_directory,
 )
-from lora_cli.model.sources import local_model_path, resolve_model_source
+from lora_cli.model.sources import local_model_path
 from lora_cli.recipe.schema import Recipe
 from lora_cli.run.checkpoints import latest_checkpoint
 from lora_cli.run.paths import RunPaths
@@ -48,7 +46,9 @@ from lora_cli.training import distributed
 from lora_cli.training.arguments import training_arguments
 from lora_cli.training.callbacks import MetricsFileCallback, ProgressCallback, StopOnSignalCallback, TokenCounter
 from lora_cli.training.checkpoints import DISK_FULL, disk_full_error
+from lora_cli.training.early_stopping import early_stopping_callbacks, restore_best
 from lora_cli.training.evaluation import evaluation_rows
+from lora_cli.training.inputs import RunInputs
 from lora_cli.training.memory import estimate_memory
 from lora_cli.training.peaks import peak_memory, peak_memory_line
 from lora_cli.training.preflight import ignored_settings
@@ -56,9 +56,10 @@ from lora_cli.training.resume import data_fingerprint
 from lora_cli.training.trainer import LoraTrainer
 
 
-def train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> tuple[Any, dict]:
+def train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None, inputs: RunInputs) -> tuple[Any, dict]:
     """Train on an open run directory (commands/train.py opened it) from `checkpoint` (None: step
-    0), check the result and save the adapter; run.json says "completed" when this returns.
+    0), on the model source, tokenizer and data already read and checked (training/inputs.py);
+    check the result and save the adapter; run.json says "completed" when this returns.
     Returns the trained PeftModel (still in memory) and the final metrics."""
     quiet_libraries()
     main = ranks.is_main()
@@ -68,15 +69,10 @@ def train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> tuple[Any
     # with, and eval / merge / generate load the base as it was trained (run/recipes.py).
     recipe = with_run_dtypes(recipe, paths)
     set_seed(recipe.train.seed)  # the same on every rank: same LoRA init, same data order
-    # The main process converts a GGUF file into the shared cache once; the others reuse it.
-    source = distributed.main_first(lambda: resolve_model_source(recipe.model))
+    source, tokenizer, data = inputs.source, inputs.tokenizer, inputs.data
     say(f"model: {source.description}, {describe_precision(recipe.model)}")
-    # data.max_length past learned positions (GPT-2): exit 2 now, not an IndexError mid-run.
-    context_warning = check_model_context(recipe.model, recipe.data.max_length)
-    if context_warning:
-        say(f"warning: {context_warning}")
-    tokenizer = load_tokenizer(recipe.model, source)
-    data = prepare_data(recipe.data, tokenizer, seed=recipe.train.seed, batch_size=recipe.train.batch_size)
+    if inputs.context_warning:
+        say(f"warning: {inputs.context_warning}")
     for line in data.report.lines():
         say(line)
     for note in ignored_settings(recipe, data):
@@ -122,6 +118,7 @@ def train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> tuple[Any
 
     tokens = TokenCounter()
     stopper = StopOnSignalCallback()
+    early_stop = early_stopping_callbacks(recipe.train)  # train.early_stopping_patience
     progress = ProgressCallback(tokens)
     if "tensorboard" in recipe.train.report_to:  # transformers 5 reads the event-file directory from here
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(paths.tensorboard)
@@ -132,10 +129,11 @@ def train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> tuple[Any
         eval_dataset=validation or None,
         data_collator=Collator(tokenizer.pad_token_id, count_tokens=True),
         processing_class=tokenizer,
-        callbacks=[MetricsFileCallback(paths.metrics, tokens), progress, stopper],
+        callbacks=[MetricsFileCallback(paths.metrics, tokens), progress, stopper, *early_stop],
     )
     trainer.remove_callback(PrinterCallback)  # our ProgressCallback replaces its raw log dicts
     trainer.tokens = tokens
+    trainer.keep_best = recipe.train.keep_best
     trainer.max_nonfinite_steps = recipe.train.max_nonfinite_steps
     trainer.lr_ratio = recipe.lora.lr_ratio  # LoRA+ (training/optimizers.py)
     stopper.install()
@@ -176,12 +174,20 @@ def train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> tuple[Any
     final = {"global_step": trainer.state.global_step, "train_loss": train_loss}
     if skipped_steps:
         final["skipped_steps"] = skipped_steps
+    if any(callback.stopped for callback in early_stop):
+        final["stopped_early"] = True
+        say(f"early stopping: the eval loss did not improve for {recipe.train.early_stopping_patience} "
+            f"evaluations; stopped at step {trainer.state.global_step} of {trainer.state.max_steps}")
     if data.validation:
         evals = [h for h in trainer.state.log_history if "eval_loss" in h]
         if evals and evals[-1].get("step") == trainer.state.global_step:
             final["eval_loss"] = evals[-1]["eval_loss"]  # the Trainer just evaluated
         else:
             final["eval_loss"] = trainer.evaluate()["eval_loss"]
+    best = restore_best(trainer, model, paths.checkpoints, final.get("eval_loss")) if recipe.train.keep_best else {}
+    if best:
+        final.update(best, eval_loss=best["best_eval_loss"])  # the adapter saved is the best one
+        say(f"keep_best: saving the adapter of step {best['best_step']} (eval loss {best['best_eval_loss']:.4f})")
     trainer.check_finite_result(final)  # a diverged run fails (exit 1): no broken adapter saved as completed
     # FSDP / ZeRO-3 shard the weights: every rank takes part in gathering them (else None).
     state_dict = distributed.gather_full_state_dict(trainer)

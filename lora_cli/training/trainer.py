@@ -34,6 +34,7 @@ RUN_LOSS_FILE = "lora_run_loss.json"  # in each checkpoint: the loss book of the
 class LoraTrainer(Trainer):
     tokens = None  # TokenCounter
     max_nonfinite_steps = 3
+    keep_best = False  # train.keep_best: the rotation spares the best evaluation's checkpoint
     use_chunked_loss = True  # training/loss.py where exact; False: the model's own loss
     _nonfinite_in_a_row = 0
 
