@@ -8,6 +8,7 @@ from transformers import TrainingArguments
 from lora_cli.model.dtypes import resolve_dtype
 from lora_cli.recipe.schema import Recipe
 from lora_cli.run.paths import RunPaths
+from lora_cli.training import distributed
 
 
 def training_arguments(recipe: Recipe, paths: RunPaths, *, has_validation: bool):
@@ -21,7 +22,7 @@ def training_arguments(recipe: Recipe, paths: RunPaths, *, has_validation: bool)
     else:
         eval_kwargs = {"eval_strategy": "no"}
     save_kwargs = {"save_strategy": "steps", "save_steps": t.save_every} if t.save_every else {"save_strategy": "epoch"}
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=str(paths.checkpoints),
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.batch_size,
@@ -55,3 +56,5 @@ def training_arguments(recipe: Recipe, paths: RunPaths, *, has_validation: bool)
         **eval_kwargs,
         **save_kwargs,
     )
+    distributed.use_fsdp_on_cpu()  # now: building the arguments reset accelerate's state
+    return args
