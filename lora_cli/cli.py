@@ -135,6 +135,16 @@ def estimate(
     recipe: RecipeArg,
     overrides: OverridesArg = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the estimate as JSON.")] = False,
+    num_processes: Annotated[
+        Optional[int],
+        typer.Option("--num-processes", help="Also give the memory of each of N processes (GPUs).",
+                     show_default=False),
+    ] = None,
+    engine: Annotated[
+        Optional[str],
+        typer.Option("--engine", help="With --num-processes: ddp (whole model per process; the default), "
+                     "fsdp or zero3 (model sharded across the processes).", show_default=False),
+    ] = None,
 ):
     """Parameters, adapter size and memory to train (full vs LoRA vs QLoRA), from the model config alone."""
     from lora_cli.recipe.load import load_recipe
@@ -142,7 +152,7 @@ def estimate(
     loaded = load_recipe(recipe, overrides or [])
     from lora_cli.commands import estimate as command
 
-    command.run(loaded, as_json=json_out)
+    command.run(loaded, as_json=json_out, num_processes=num_processes, engine=engine)
 
 
 @app.command()

@@ -30,6 +30,11 @@ def local_rank() -> int:
     return _env_int("LOCAL_RANK", 0)
 
 
+def restart_count() -> int:
+    """How often torchrun's agent has restarted this launch's processes (--max_restarts): 0 at first."""
+    return _env_int("TORCHELASTIC_RESTART_COUNT", 0)
+
+
 def is_distributed() -> bool:
     return world_size() > 1
 
@@ -54,6 +59,11 @@ def engine() -> str:
 def deepspeed_zero_stage() -> int | None:
     stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
     return int(stage) if stage and stage.isdigit() else None
+
+
+def fsdp_version() -> int:
+    """1 or 2: the FSDP generation `accelerate launch` asked for (its FSDP_VERSION; 1 if unset)."""
+    return _env_int("FSDP_VERSION", 1)
 
 
 def shards_parameters() -> bool:

@@ -331,6 +331,11 @@ CASES = [
     Case("export-kquant-without-llama-quantize", ["export", "{tmp}/run", "--quant", "q4_k_m"], 2,
          ["`llama-quantize`, which is not on PATH", "hint: Build llama.cpp"], env={"PATH": "/nonexistent"}),
     Case("export-missing-run", ["export", "{tmp}/no-such-run"], 2, ["{tmp}/no-such-run does not exist", "hint:"]),
+    # ---- lora estimate --num-processes / --engine
+    R("estimate-zero-processes", _recipe(), 2, ["--num-processes must be at least 1 (got 0)", "hint:"],
+      "--num-processes", "0", command="estimate"),
+    R("estimate-unknown-engine", _recipe(), 2, ["--engine must be one of ddp, fsdp, zero3 (got 'zero2')", "hint:"],
+      "--num-processes", "2", "--engine", "zero2", command="estimate"),
     # ---- lora serve / chat
     Case("serve-missing-run", ["serve", "{tmp}/no-such-run"], 2, ["{tmp}/no-such-run does not exist", "hint:"]),
     Case("serve-bad-name", ["serve", "=runs/x"], 2, ["'=runs/x' is not RUN or NAME=RUN", "hint:"]),

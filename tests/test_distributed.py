@@ -351,14 +351,19 @@ def test_shipped_accelerate_configs(path):
         assert (key if key.startswith("fsdp_") else f"fsdp_{key}") in known, f"{path.name}: unknown fsdp key {key}"
     for key in config.deepspeed_config or {}:
         assert key in known, f"{path.name}: unknown deepspeed key {key}"
-    assert config.num_processes >= 2 and config.num_machines == 1
+    assert config.num_processes >= 2
+    assert config.num_machines == (2 if path.name == "multinode.yaml" else 1)
+    if config.num_machines > 1:  # a real port every machine reaches, not 0 (a free one on one machine)
+        assert config.main_process_port > 0 and config.main_process_ip
     assert config.mixed_precision == "no", "the recipe's dtype decides, not the launcher"
     assert path.read_text().startswith("#"), "each file says what it is for"
     kind = str(config.distributed_type).split(".")[-1]
-    assert kind == {"ddp.yaml": "MULTI_GPU", "fsdp.yaml": "FSDP"}.get(path.name, "DEEPSPEED")
-    if kind == "FSDP":  # PEFT's FSDP settings (see the file's comments)
-        assert fsdp["fsdp_sharding_strategy"] == "FULL_SHARD" and fsdp["fsdp_use_orig_params"] is False
-        assert fsdp["fsdp_cpu_ram_efficient_loading"] and fsdp["fsdp_sync_module_states"]
+    assert kind == {"ddp.yaml": "MULTI_GPU", "multinode.yaml": "MULTI_GPU", "fsdp.yaml": "FSDP"}.get(
+        path.name, "DEEPSPEED"
+    )
+    if kind == "FSDP":  # FSDP2 (runs on CPU too: tests/test_multinode.py), fully sharded, rank 0 loads
+        assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_reshard_after_forward"] is True
+        assert fsdp["fsdp_cpu_ram_efficient_loading"] and fsdp["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
     if kind == "DEEPSPEED":
         assert config.deepspeed_config["zero_stage"] == int(path.stem[-1])
 
@@ -366,6 +371,7 @@ def test_shipped_accelerate_configs(path):
 def test_all_engine_configs_shipped():
     assert {p.name for p in ACCELERATE_CONFIGS} == {
         "ddp.yaml",
+        "multinode.yaml",
         "fsdp.yaml",
         "deepspeed-zero2.yaml",
         "deepspeed-zero3.yaml",

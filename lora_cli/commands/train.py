@@ -32,8 +32,8 @@ from lora_cli.recipe.schema import Recipe
 from lora_cli.recipe.show import dump_recipe, marked_recipe_lines
 from lora_cli.run.lifecycle import prepare_run_dir
 from lora_cli.run.paths import RunPaths
-from lora_cli.run.processes import process_identity
-from lora_cli.run.record import library_versions, read_record, timestamp, to_json, update_record
+from lora_cli.run.processes import launcher_identity, process_identity, started_by_this_launcher
+from lora_cli.run.record import library_versions, our_record, read_record, timestamp, to_json, update_record
 from lora_cli.training import distributed
 from lora_cli.training.inputs import read_inputs
 from lora_cli.training.optimizers import check_optimizer
@@ -63,6 +63,7 @@ def run(recipe: Recipe, *, recipe_path: str | None, resume: bool, overwrite: boo
     )
     if finished is not None:  # --resume of a completed run: nothing to train (_open_run said so)
         return TrainResult(paths, None, finished)
+    distributed.check_shared_run_dir(paths, checkpoint)  # every node sees the run (and the checkpoint)
     main = ranks.is_main()
 
     def completed() -> bool:
@@ -130,6 +131,14 @@ def _open_run(recipe: Recipe, recipe_path: str | None, *, resume: bool, overwrit
     # Files this run reads: a directory holding one is never deleted to make room for the run.
     data = recipe.data
     keep = [recipe_path, recipe.model.name, *source_paths(data.train), *source_paths(data.validation or [])]
+    if not resume and ranks.restart_count() > 0:
+        # torchrun restarted the processes after one failed (--max_restarts): they run this same
+        # command again. The run this launch started continues from its last complete checkpoint
+        # (also under --overwrite, which would throw it away); any other run is left alone.
+        earlier = our_record(RunPaths(Path(recipe.output_dir).expanduser()))
+        if earlier is not None and started_by_this_launcher(earlier):
+            print(f"restart {ranks.restart_count()} of this launch (--max_restarts): resuming the run it started")
+            resume, overwrite = True, False
     paths = prepare_run_dir(recipe.output_dir, resume=resume, overwrite=overwrite, keep=keep)
     checkpoint = None
     if resume:
@@ -168,6 +177,7 @@ def _open_run(recipe: Recipe, recipe_path: str | None, *, resume: bool, overwrit
         recipe_path=recipe_path,
         versions=library_versions(),
         **process_identity(),
+        launcher=launcher_identity(),
         allocator=allocator,  # pid, start time, host: whether the run is still alive
     )
     return paths, checkpoint, None, recipe_lines

@@ -16,9 +16,14 @@ from lora_cli.run.paths import RunPaths
 STAGING_PREFIX = ".tmp-checkpoint-"
 
 # What the Trainer needs to resume exactly; trainer_state.json is written last.
-REQUIRED_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
+REQUIRED_FILES = ("trainer_state.json", "scheduler.pt")
 
-ADAPTER_FILES = ("adapter_model.safetensors", "model.safetensors")
+# The weights and the optimizer state, each in one of the layouts the engines write: the adapter
+# and optimizer.pt (one process, DDP); under FSDP a sharded torch.distributed.checkpoint folder
+# (SHARDED_STATE_DICT: complete once its .metadata is written) or one .bin (FULL_STATE_DICT).
+ADAPTER_FILES = ("adapter_model.safetensors", "model.safetensors", "pytorch_model_fsdp_0/.metadata",
+                 "pytorch_model_fsdp.bin")
+OPTIMIZER_FILES = ("optimizer.pt", "optimizer_0/.metadata", "optimizer.bin")
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -29,8 +34,9 @@ def checkpoint_step(path: Path) -> int | None:
 def incomplete_reason(ckpt: Path) -> str | None:
     """Why `ckpt` cannot be resumed from, or None when it is complete."""
     missing = [name for name in REQUIRED_FILES if not (ckpt / name).is_file()]
-    if not any((ckpt / name).is_file() for name in ADAPTER_FILES):
-        missing.append(ADAPTER_FILES[0])
+    for one_of in (ADAPTER_FILES, OPTIMIZER_FILES):
+        if not any((ckpt / name).is_file() for name in one_of):
+            missing.append(one_of[0])
     if missing:
         return "missing " + ", ".join(missing)
     try:

@@ -20,6 +20,24 @@ def process_identity() -> dict:
     return {"pid": pid, "pid_started": pid_start_time(pid), "host": socket.gethostname()}
 
 
+def launcher_identity() -> dict | None:
+    """Under torchrun (`accelerate launch`, `lora train --num-processes`): the agent that started
+    this process (its parent), as host, pid and start time; None outside torchrun. The agent lives
+    for the whole launch, across the restarts it makes (--max_restarts)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    agent = os.getppid()
+    return {"host": socket.gethostname(), "pid": agent, "pid_started": pid_start_time(agent)}
+
+
+def started_by_this_launcher(record: RunRecord) -> bool:
+    """Whether the run in `record` was started by the torchrun agent that started this process."""
+    mine = launcher_identity()
+    return mine is not None and record.launcher is not None and all(
+        record.launcher.get(key) == value for key, value in mine.items()
+    )
+
+
 def pid_start_time(pid: int) -> int | None:
     """When process `pid` started (Linux: field 22 of /proc/PID/stat, in clock ticks since boot);
     None where the system does not say."""

@@ -3,6 +3,8 @@
 
     status          running | completed | interrupted | failed
     pid, pid_started, host       the process training it (run/processes.py tells if it lives)
+    launcher        under torchrun: the agent that started it (host, pid, pid_started); an
+                    elastic restart of that launch (--max_restarts) resumes the run
     created_at_unix, created_at, updated_at, name, num_processes, recipe_path, versions, allocator
     model           the base as trained: name, source, quantization, dtype, compute_dtype,
                     local_path (absolute, for a local base: eval / merge / generate use it)
@@ -80,6 +82,7 @@ class RunRecord:
     pid: int | None = None
     pid_started: int | None = None
     host: str | None = None
+    launcher: dict | None = None  # the torchrun agent of rank 0 (run/processes.py launcher_identity)
     created_at_unix: float | None = None
     name: str | None = None
     created_at: str | None = None

@@ -8,6 +8,7 @@ from transformers import TrainingArguments
 from lora_cli.model.dtypes import resolve_dtype
 from lora_cli.recipe.schema import Recipe
 from lora_cli.run.paths import RunPaths
+from lora_cli.training import distributed
 from lora_cli.training.early_stopping import best_model_arguments
 from lora_cli.training.optimizers import optimizer_arguments
 
@@ -24,7 +25,7 @@ def training_arguments(recipe: Recipe, paths: RunPaths, *, has_validation: bool)
         eval_kwargs = {"eval_strategy": "no"}
     save_kwargs = {"save_strategy": "steps", "save_steps": t.save_every} if t.save_every else {"save_strategy": "epoch"}
     save_kwargs.update(best_model_arguments(t))  # early stopping / keep_best: the best eval loss, saved
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=str(paths.checkpoints),
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=recipe.eval.batch_size or t.batch_size,  # (no gradients: may be larger)
@@ -59,3 +60,5 @@ def training_arguments(recipe: Recipe, paths: RunPaths, *, has_validation: bool)
         **eval_kwargs,
         **save_kwargs,
     )
+    distributed.use_fsdp_on_cpu()  # now: building the arguments reset accelerate's state
+    return args

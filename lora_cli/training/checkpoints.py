@@ -33,7 +33,7 @@ def check_loads_safely(ckpt: Path) -> None:
     import torch
     from transformers.trainer_pt_utils import safe_globals
 
-    for path in sorted(ckpt.glob("*.pt")) + sorted(ckpt.glob("*.pth")):
+    for path in sorted(ckpt.glob("*.pt")) + sorted(ckpt.glob("*.pth")) + sorted(ckpt.glob("*.bin")):
         try:
             with safe_globals():
                 torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # no second copy in RAM
@@ -110,6 +110,11 @@ def save_checkpoint_atomically(trainer, save, model, trial) -> None:
             best = trainer.state.best_global_step if getattr(trainer, "keep_best", False) else None
             rotate(run_dir, trainer.args.save_total_limit or 1 << 30, final,
                    spare=run_dir / f"checkpoint-{best}" if best else None)
+        trainer.accelerator.wait_for_everyone()
+        if not main and staging.exists():
+            # This node has a disk of its own (output_dir not shared): its part of the checkpoint
+            # never reaches node 0's copy; keep no staging leftovers piling up here.
+            shutil.rmtree(staging, ignore_errors=True)
     except BaseException as e:
         if main:
             shutil.rmtree(staging, ignore_errors=True)
