@@ -3,7 +3,7 @@ adapter vs spread over three adapters, against the same requests through `lora g
 after another.
 
     .venv/bin/python scripts/bench/serve.py [--model quickstart|tiny] [--new-tokens 64] [--rounds 2]
-                                            [--out build/bench/serve.json]
+                                            [--no-prefix-cache] [--out build/bench/serve.json]
 
 quickstart (what `make bench` runs): SmolLM2-135M-Instruct, the embedded model, with three adapters
 from real 2-step `lora train` runs (LoRA r16, all linear layers, different seeds: an adapter's
@@ -74,9 +74,9 @@ def make_runs(kind: str, env: dict) -> list[Path]:
     return runs
 
 
-def start_server(runs: list[Path], env: dict):
+def start_server(runs: list[Path], env: dict, extra: list[str]):
     specs = [f"{name}={run}" for name, run in zip(ADAPTERS, runs)]
-    process = subprocess.Popen(lora_command("serve", *specs, "--port", "0"), env=env, cwd=ROOT,
+    process = subprocess.Popen(lora_command("serve", *specs, "--port", "0", *extra), env=env, cwd=ROOT,
                                stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
     while time.time() < deadline:
@@ -136,15 +136,18 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="requests per client, one after another")
     parser.add_argument("--out", type=Path, default=WORK / "serve.json")
+    parser.add_argument("--no-prefix-cache", action="store_true",
+                        help="serve with --no-prefix-cache (every prompt read whole), for an A/B of the cache")
     args = parser.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false"}
     runs = make_runs(args.model, env)
     asks = prompts(max(CONCURRENCY) * args.rounds)
     report = {"model": args.model, "new_tokens": args.new_tokens, "rounds": args.rounds, "threads": THREADS,
+              "prefix_cache": not args.no_prefix_cache,
               "machine": os.uname().machine, "cpus": os.cpu_count(), "cpu": cpu_name()}
     report["sequential_generate"] = sequential_generate(runs[0], asks, args.new_tokens, env)
     print(f"sequential lora generate: {report['sequential_generate']['tokens_per_s']} tok/s", file=sys.stderr)
-    process, url = start_server(runs, env)
+    process, url = start_server(runs, env, ["--no-prefix-cache"] if args.no_prefix_cache else [])
     try:
         load(url, 2, 1, ["a"], asks, 8)  # warm-up: first-call costs are not the server's speed
         results = {}
