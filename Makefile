@@ -53,11 +53,14 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 
+# Two workers (pytest-xdist): the tests run one thread each, so on 2 cores the suite takes about
+# half the time. More cores: make test WORKERS=8.
+WORKERS ?= 2
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(WORKERS) --dist worksteal
 
 test-fast: lint
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(WORKERS) --dist worksteal -m "not slow"
 
 # llama.cpp, for the tests and benchmarks that run exported GGUF files in it (they skip without it):
 # its Python binding, compiled from source (~6 min on 2 cores), and llama-quantize for k-quants

@@ -49,3 +49,10 @@ def llama_tokenizer(tiny_llama):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_llama)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The real-model tests (marked slow: minutes each) first: with `pytest -n 2` (make test) one
+    worker starts them while the other takes the many short tests, instead of one of them running
+    alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
