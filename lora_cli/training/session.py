@@ -10,6 +10,7 @@ directory, calls `train` and records how the run ended, whatever stops it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -25,6 +26,7 @@ from lora_cli.artifacts.loss_plot import write_loss_plot
 from lora_cli.artifacts.model_card import adapter_model_card
 from lora_cli.console import human_bytes, quiet_libraries
 from lora_cli.data.packing import Collator
+from lora_cli.data.preference import prepare_preferences
 from lora_cli.data.prepare import prepare_data
 from lora_cli.errors import Interrupted, LoraError, is_out_of_memory, out_of_memory_error
 from lora_cli.fsutil import atomic_directory
@@ -44,6 +46,7 @@ from lora_cli.training.callbacks import MetricsFileCallback, ProgressCallback, S
 from lora_cli.training.checkpoints import DISK_FULL, disk_full_error
 from lora_cli.training.memory import estimate_memory
 from lora_cli.training.peaks import peak_memory, peak_memory_line
+from lora_cli.training.preference import PREFERENCE_METRICS, preference_trainer
 from lora_cli.training.preflight import ignored_settings
 from lora_cli.training.resume import data_fingerprint
 from lora_cli.training.trainer import LoraTrainer
@@ -69,7 +72,11 @@ def train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> tuple[Any
     if context_warning:
         say(f"warning: {context_warning}")
     tokenizer = load_tokenizer(recipe.model, source)
-    data = prepare_data(recipe.data, tokenizer, seed=recipe.train.seed, batch_size=recipe.train.batch_size)
+    preference = recipe.train.method != "sft"  # dpo / orpo: pairs, and TRL's trainers (training/preference.py)
+    if preference:
+        data = prepare_preferences(recipe.data, tokenizer, seed=recipe.train.seed, method=recipe.train.method)
+    else:
+        data = prepare_data(recipe.data, tokenizer, seed=recipe.train.seed, batch_size=recipe.train.batch_size)
     for line in data.report.lines():
         say(line)
     for note in ignored_settings(recipe, data):
@@ -96,8 +103,13 @@ def train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> tuple[Any
 
     base = load_base_model(recipe.model, source)
     quantized = recipe.model.quantization != "none"
+    lora = recipe.lora
+    if preference and lora.dropout > 0:  # policy and reference log-probs from one deterministic network
+        say(f"note: lora.dropout {lora.dropout:g} is not used by train.method: {recipe.train.method} (dropout off, "
+            "as TRL's preference trainers run)")
+        lora = dataclasses.replace(lora, dropout=0.0)
     model = attach_lora(
-        base, recipe.lora, quantized=quantized, gradient_checkpointing=recipe.train.gradient_checkpointing
+        base, lora, quantized=quantized, gradient_checkpointing=recipe.train.gradient_checkpointing
     )
     trainable, total = model.get_nb_trainable_parameters()
     # (peft's total includes the adapter; the share is of the base, as `lora estimate` gives it)
@@ -111,15 +123,24 @@ def train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None) -> tuple[Any
     progress = ProgressCallback(tokens)
     if "tensorboard" in recipe.train.report_to:  # transformers 5 reads the event-file directory from here
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(paths.tensorboard)
-    trainer = LoraTrainer(
-        model=model,
-        args=training_arguments(recipe, paths, has_validation=bool(data.validation)),
-        train_dataset=data.train,
-        eval_dataset=data.validation or None,
-        data_collator=Collator(tokenizer.pad_token_id, count_tokens=True),
-        processing_class=tokenizer,
-        callbacks=[MetricsFileCallback(paths.metrics, tokens), progress, stopper],
-    )
+    args = training_arguments(recipe, paths, has_validation=bool(data.validation))
+    metrics_file = MetricsFileCallback(paths.metrics, tokens, extra_keys=PREFERENCE_METRICS if preference else ())
+    if preference:
+        trainer = preference_trainer(
+            recipe.train.method, model=model, args=args, beta=recipe.train.beta, max_length=recipe.data.max_length,
+            train=data.train, validation=data.validation, tokenizer=tokenizer,
+            callbacks=[metrics_file, progress, stopper],
+        )
+    else:
+        trainer = LoraTrainer(
+            model=model,
+            args=args,
+            train_dataset=data.train,
+            eval_dataset=data.validation or None,
+            data_collator=Collator(tokenizer.pad_token_id, count_tokens=True),
+            processing_class=tokenizer,
+            callbacks=[metrics_file, progress, stopper],
+        )
     trainer.remove_callback(PrinterCallback)  # our ProgressCallback replaces its raw log dicts
     trainer.tokens = tokens
     trainer.max_nonfinite_steps = recipe.train.max_nonfinite_steps
