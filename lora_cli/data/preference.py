@@ -149,12 +149,12 @@ def tokenize_pairs(records: list[dict], cfg, tokenizer, *, source: str,
                 counts.dropped_where.append(w + (" (the prompt alone fills max_length)" if room < 1 else ""))
                 continue
             chosen, rejected = chosen[:room], rejected[:room]
-            counts.truncated += 1
-            counts.truncated_where.append(w)
             if chosen == rejected:  # they differed only past max_length
                 counts.dropped += 1
-                counts.dropped_where.append(w + " (chosen and rejected are the same within max_length)")
+                counts.dropped_where.append(w + " (the answers differ only past max_length)")
                 continue
+            counts.truncated += 1
+            counts.truncated_where.append(w)
         counts.tokens += 2 * len(prompt) + len(chosen) + len(rejected)
         counts.answer_tokens += len(chosen) + len(rejected)
         kept.append({"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected})

@@ -133,6 +133,9 @@ def print_pair_preview(pairs: list[dict], where: list[str], tokenizer) -> None:
     color = console.is_terminal
     legend = ("[bold green]scored[/], [dim]masked (the prompt)[/]" if color
               else "scored answer text plain, the masked prompt in [masked]...[/]")
+    if not pairs:
+        print("preview: the first rows have nothing to score within max_length (the report above says why)")
+        return
     print(f"preview of {plural(len(pairs), 'pair')}: ", end="", flush=True)
     console.print(legend, markup=color)
     for pair, w in zip(pairs, where):
