@@ -23,7 +23,8 @@ def answer_logps(model, pairs: list[dict], pad_token_id: int, batch_size: int) -
     their tokens, and their token counts. {"chosen", "rejected", "chosen_tokens", "rejected_tokens"}."""
     import torch
 
-    rows = [(p["prompt_ids"] + p[f"{name}_ids"], len(p["prompt_ids"])) for p in pairs for name in ("chosen", "rejected")]
+    rows = [(p["prompt_ids"] + p[f"{name}_ids"], len(p["prompt_ids"]))
+            for p in pairs for name in ("chosen", "rejected")]
     sums = [0.0] * len(rows)
     device = next(model.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # less padding
