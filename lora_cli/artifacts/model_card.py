@@ -22,6 +22,8 @@ def adapter_model_card(recipe: Recipe, *, run_name: str, report, trainable: int,
     base = hub_model_id(recipe.model.name)
     quantized = recipe.model.quantization != "none"
     tags = ["lora", "peft", "lora-cli", "qlora" if recipe.model.quantization == "4bit" else "sft"]
+    if recipe.train.method != "sft":  # dpo / orpo: preference tuning (docs/preference.md)
+        tags[-1:] = [tags[-1], recipe.train.method] if tags[-1] == "qlora" else [recipe.train.method]
     front = {"base_model": base, "library_name": "peft", "pipeline_tag": "text-generation", "tags": tags}
     m, lo, t = recipe.model, recipe.lora, recipe.train
     targets = lo.target_modules if isinstance(lo.target_modules, str) else ", ".join(lo.target_modules)
@@ -67,6 +69,8 @@ def adapter_model_card(recipe: Recipe, *, run_name: str, report, trainable: int,
         f"- trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(1, total):.2f}%)",
         f"- {t.max_steps or '-'} max steps / {t.epochs:g} epochs, batch {t.batch_size} x grad_accum {t.grad_accum}, "
         f"lr {t.lr:g} ({t.scheduler}), seed {t.seed}",
+        *([f"- method {t.method} (TRL), beta {t.beta:g}: preference pairs; the reference is the base, adapter off"]
+          if t.method != "sft" else []),
         "- the full resolved recipe is `recipe.yaml` in the run directory",
         "",
         "## Results",

@@ -1,5 +1,8 @@
 """`lora eval`: loss and perplexity of the base and of the adapter on held-out data, side by side
 (inference/scoring.py defines both); with --exact-match, greedy answers against the references.
+For a preference run (train.method dpo / orpo), on held-out pairs: preference accuracy and mean
+margin of base and adapter, DPO's implicit rewards, and the loss on the chosen answers
+(inference/preference_scoring.py).
 
 Held-out data is the run's validation split, rebuilt from its recipe exactly as training built it
 (same tokenizer, format, masking and seed), or `--data FILE` in any format training accepts. Rows
@@ -18,12 +21,15 @@ from rich.console import Console
 from rich.table import Table
 
 from lora_cli.console import info, quiet_libraries
+from lora_cli.data.formats import detect_format
+from lora_cli.data.preference import as_sft_examples, prepare_preferences, tokenize_pairs
 from lora_cli.data.prepare import prepare_data
 from lora_cli.data.records import load_records
 from lora_cli.data.tokenize import IGNORE_INDEX, tokenize_records
 from lora_cli.errors import DataError, EvalWriteError, LoraError, NonFiniteLoss
 from lora_cli.fsutil import atomic_write_json, cannot_write_in
 from lora_cli.inference.generation import eos_token_ids
+from lora_cli.inference.preference_scoring import answer_logps, preference_scores, reward_scores
 from lora_cli.inference.scoring import answer_text, greedy_answers, loss_and_perplexity, qa_pairs, token_nll
 from lora_cli.model.adapters import load_adapter
 from lora_cli.model.facts import model_context
@@ -68,6 +74,14 @@ def run(
     quiet_libraries()
     source = resolve_model_source(recipe.model)
     tokenizer = load_tokenizer(recipe.model, source)
+    if recipe.train.method != "sft":
+        if exact_match:
+            raise LoraError(
+                f"--exact-match compares answers of supervised runs; {paths.root} is a train.method: "
+                f"{recipe.train.method} run",
+                "Drop --exact-match: lora eval reports preference accuracy and margins for this run.",
+            )
+        return _write_and_show(paths, _evaluate_pairs(recipe, paths, source, tokenizer, data, batch_size), as_json)
     examples, fmt, data_source = eval_examples(recipe, tokenizer, paths, data)
     if exact_match and fmt == "text":
         raise DataError(
@@ -80,25 +94,11 @@ def run(
         f"data: {data_source} ({len(examples)} rows, {supervised} supervised tokens)"
     )
 
-    base = load_base_model(recipe.model, source)
-    model = load_adapter(base, paths.adapter)
-    place_for_inference(model, quantized=recipe.model.quantization != "none")
-    model.eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
+    model, pad = _run_model(recipe, paths, source, tokenizer)
     with model.disable_adapter():
         base_total, count = token_nll(model, examples, pad, batch_size)
     adapter_total, _ = token_nll(model, examples, pad, batch_size)
-    # A NaN loss would print as "nan", exit 0 and put NaN (not JSON) into eval.json.
-    for what, total in (("the base model", base_total), ("the adapter", adapter_total)):
-        if not math.isfinite(total):
-            raise NonFiniteLoss(
-                f"{paths.root}: the loss of {what} is not finite ({total}): its outputs are "
-                f"NaN or inf" + (", the run diverged" if what == "the adapter" else "") + "; eval.json was not written",
-                "Retrain with a lower train.lr (`lora runs` and the run's metrics.jsonl show where the loss went bad)."
-                if what == "the adapter"
-                else "The base model's weights may be broken, or overflow in this dtype.",
-            )
+    _check_finite(paths, base_total, adapter_total)
     result = {
         "run": str(paths.root),
         "base": loss_and_perplexity(base_total, count),
@@ -111,7 +111,65 @@ def run(
         if recipe.data.train_on_prompt:  # the prompts were supervised too: re-mask them to find the answers
             examples, _, _ = eval_examples(recipe, tokenizer, paths, data, train_on_prompt=False)
         result["exact_match"] = _exact_match(model, tokenizer, examples, max_new_tokens, batch_size)
+    return _write_and_show(paths, result, as_json)
 
+
+def _run_model(recipe, paths: RunPaths, source, tokenizer):
+    """The run's base with its adapter, ready to score; and the pad id batches use."""
+    base = load_base_model(recipe.model, source)
+    model = load_adapter(base, paths.adapter)
+    place_for_inference(model, quantized=recipe.model.quantization != "none")
+    model.eval()
+    return model, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _check_finite(paths: RunPaths, base_total: float, adapter_total: float) -> None:
+    # A NaN loss would print as "nan", exit 0 and put NaN (not JSON) into eval.json.
+    for what, total in (("the base model", base_total), ("the adapter", adapter_total)):
+        if not math.isfinite(total):
+            raise NonFiniteLoss(
+                f"{paths.root}: the loss of {what} is not finite ({total}): its outputs are "
+                f"NaN or inf" + (", the run diverged" if what == "the adapter" else "") + "; eval.json was not written",
+                "Retrain with a lower train.lr (`lora runs` and the run's metrics.jsonl show where the loss went bad)."
+                if what == "the adapter"
+                else "The base model's weights may be broken, or overflow in this dtype.",
+            )
+
+
+def _evaluate_pairs(recipe, paths: RunPaths, source, tokenizer, data: str | None, batch_size: int) -> dict:
+    """A preference run: both models on held-out pairs (inference/preference_scoring.py)."""
+    method, beta = recipe.train.method, recipe.train.beta
+    pairs, fmt, data_source = eval_pairs(recipe, tokenizer, paths, data)
+    chosen = as_sft_examples(pairs)
+    info(f"run: {paths.root}  base: {source.description}  data: {data_source} ({len(pairs)} pairs)")
+    model, pad = _run_model(recipe, paths, source, tokenizer)
+    with model.disable_adapter():
+        base_logps = answer_logps(model, pairs, pad, batch_size)
+        base_total, count = token_nll(model, chosen, pad, batch_size)
+    adapter_logps = answer_logps(model, pairs, pad, batch_size)
+    adapter_total, _ = token_nll(model, chosen, pad, batch_size)
+    _check_finite(paths, base_total, adapter_total)
+    average = method == "orpo"  # ORPO scores answers by their per-token log-probability
+    result = {
+        "run": str(paths.root),
+        "method": method,
+        "beta": beta,
+        "base": {**loss_and_perplexity(base_total, count), **preference_scores(base_logps, beta=beta, average=average)},
+        "adapter": {**loss_and_perplexity(adapter_total, count),
+                    **preference_scores(adapter_logps, beta=beta, average=average)},
+    }
+    if method == "dpo":
+        result["adapter"].update(reward_scores(adapter_logps, base_logps, beta=beta))
+    result["change"] = _change(result["base"], result["adapter"], PAIR_KEYS)
+    result["data"] = {"source": data_source, "format": fmt, "rows": len(pairs), "supervised_tokens": count,
+                      "loss_on": "chosen answers"}
+    return result
+
+
+PAIR_KEYS = ("loss", "perplexity", "preference_accuracy", "mean_margin")
+
+
+def _write_and_show(paths: RunPaths, result: dict, as_json: bool) -> dict:
     try:
         atomic_write_json(paths.eval_json, result)
     except OSError as e:  # the numbers are shown all the same: the work is not lost
@@ -201,6 +259,38 @@ def _warn_if_data_changed(paths: RunPaths, fingerprint: str, comparable: bool) -
         )
 
 
+def eval_pairs(recipe, tokenizer, paths, data: str | None) -> tuple[list[dict], str, str]:
+    """A preference run's held-out pairs: --data FILE, or the validation split rebuilt."""
+    cfg = recipe.data
+    if data is not None:
+        if Path(data).is_file() and not Path(data).read_bytes().strip():
+            raise DataError(f"--data {data}: no rows (the file is empty)", "Pass a file with held-out pairs.")
+        records = load_records(data)
+        if detect_format(records[0], f"--data {data} row 1") != "preference":
+            raise DataError(
+                f"--data {data}: {paths.root} is a train.method: {recipe.train.method} run, and these rows are "
+                f"not preference pairs (columns: {', '.join(map(str, records[0]))})",
+                "Pass held-out {prompt, chosen, rejected} rows.",
+            )
+        pairs, counts = tokenize_pairs(records, cfg, tokenizer, source=str(data))
+        return pairs, counts.format, str(data)
+    if not cfg.validation and cfg.val_split == 0:
+        raise DataError(
+            f"{paths.root} has no validation data: its recipe sets neither data.validation nor data.val_split",
+            "Pass held-out pairs with --data FILE ({prompt, chosen, rejected} rows), or train with "
+            "data.val_split: 0.1.",
+        )
+    try:
+        prepared = prepare_preferences(cfg, tokenizer, seed=recipe.train.seed, method=recipe.train.method)
+    except DataError as e:
+        raise DataError(
+            f"rebuilding the validation split of {paths.root}: {e.message}",
+            (e.hint + "; " if e.hint else "") + "or pass held-out pairs with --data FILE",
+        ) from None
+    _warn_if_data_changed(paths, prepared.report.fingerprint, True)
+    return prepared.validation, prepared.report.format, f"validation split: {prepared.report.validation_from}"
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -259,6 +349,15 @@ def print_table(result: dict) -> None:
             num(result["adapter"][key], digits),
             delta(ch[key], ch[f"{key}_percent"], digits),
         )
+    if "preference_accuracy" in result["base"]:
+        table.add_row("preference accuracy", f"{result['base']['preference_accuracy']:.1%}",
+                      f"{result['adapter']['preference_accuracy']:.1%}",
+                      f"{100 * ch['preference_accuracy']:+.1f} pts")
+        table.add_row("mean margin", num(result["base"]["mean_margin"]), num(result["adapter"]["mean_margin"]),
+                      delta(ch["mean_margin"], None))
+    if "reward_accuracy" in result["adapter"]:  # DPO's implicit reward: the base's is 0 by definition
+        table.add_row("reward accuracy (vs base)", "-", f"{result['adapter']['reward_accuracy']:.1%}", "-")
+        table.add_row("reward margin (vs base)", "-", num(result["adapter"]["reward_margin"]), "-")
     if "exact_match" in result:
         em = result["exact_match"]
         table.add_row(

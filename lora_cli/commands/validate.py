@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 
 from lora_cli.console import quiet_libraries
+from lora_cli.data.preference import prepare_preferences, tokenize_pairs
+from lora_cli.data.preference_report import print_pair_preview
 from lora_cli.data.prepare import prepare_data
 from lora_cli.data.preview import print_preview
 from lora_cli.data.records import check_sources, load_with_locations
@@ -46,7 +48,11 @@ def run(
     config = load_model_config(recipe.model)
     # an error for learned positions (a longer row cannot run), a warning for RoPE / ALiBi
     context_warning = check_max_length(recipe.data.max_length, config)
-    data = prepare_data(recipe.data, tokenizer, seed=recipe.train.seed, batch_size=recipe.train.batch_size)
+    preference = recipe.train.method != "sft"
+    if preference:
+        data = prepare_preferences(recipe.data, tokenizer, seed=recipe.train.seed, method=recipe.train.method)
+    else:
+        data = prepare_data(recipe.data, tokenizer, seed=recipe.train.seed, batch_size=recipe.train.batch_size)
     if context_warning:
         data.report.warnings.append(context_warning)
     print("recipe: valid")
@@ -57,7 +63,9 @@ def run(
         print(line)
     for note in ignored_settings(recipe, data):
         print(f"note: {note}")
-    if preview > 0 and data.preview:  # a mix: its first examples, as they are drawn
+    if preview > 0 and preference:
+        _preview_pairs(recipe, tokenizer, preview)
+    elif preview > 0 and data.preview:  # a mix: its first examples, as they are drawn
         shown = data.preview[:preview]
         print_preview([example for example, _ in shown], [where for _, where in shown], tokenizer)
     elif preview > 0:
@@ -83,3 +91,17 @@ def _preview(recipe: Recipe, fmt: str, tokenizer, count: int) -> None:
         print_preview(examples, [w for w in where[:count] if w not in skipped], tokenizer)
     except DataError:  # the first rows have nothing to train on: the report above says so
         print(f"preview: the first {count} rows have no supervised tokens")
+
+
+def _preview_pairs(recipe: Recipe, tokenizer, count: int) -> None:
+    """The first `count` pairs as the loss sees them: the prompt masked, each answer scored."""
+    records, where = load_with_locations(recipe.data.train)
+    cfg = dataclasses.replace(recipe.data, too_long="truncate")
+    pairs, shown = [], []
+    for record, w in zip(records[:count], where[:count]):
+        try:
+            pairs += tokenize_pairs([record], cfg, tokenizer, source="preview", where=[w])[0]
+            shown.append(w)
+        except DataError:  # nothing left to score within max_length: the report above says so
+            continue
+    print_pair_preview(pairs, shown, tokenizer)

@@ -24,6 +24,7 @@ SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}  # "conversations": [{"fr
 
 # The columns that identify each format, in the order `auto` tries them.
 FORMAT_COLUMNS = {
+    "preference": ("prompt", "chosen", "rejected"),  # train.method dpo/orpo: data/preference.py
     "chat": ("messages",),
     "alpaca": ("instruction", "output"),
     "completion": ("prompt", "completion"),
@@ -31,6 +32,8 @@ FORMAT_COLUMNS = {
 }
 
 FORMAT_HELP = {
+    "preference": 'preference rows need "prompt", "chosen" and "rejected": three non-empty strings, or '
+    'three lists of {"role", "content"} messages (the prompt\'s turns, then one answer each)',
     "chat": 'chat rows need "messages": a list of {"role", "content"} objects, content a string '
     '(ShareGPT rows, "conversations" of {"from", "value"}, are read too)',
     "alpaca": 'alpaca rows need string fields "instruction" and "output" (and optionally "input")',
@@ -40,7 +43,7 @@ FORMAT_HELP = {
 
 FORMATS_LINE = (
     "chat {messages}; alpaca {instruction, input (optional), output}; "
-    "completion {prompt, completion}; text {text}"
+    "completion {prompt, completion}; text {text}; preference {prompt, chosen, rejected} (train.method dpo/orpo)"
 )
 
 

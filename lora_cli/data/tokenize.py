@@ -45,6 +45,13 @@ def tokenize_records(
         raise DataError(f"{source}: no rows", "add rows to the data")
     where = where or [f"{source} row {i}" for i in range(1, len(records) + 1)]
     fmt = cfg.format if cfg.format != "auto" else detect_format(records[0], where[0])
+    if fmt == "preference":  # pairs are data/preference.py's, for train.method dpo/orpo
+        raise DataError(
+            f"{where[0]}: this is preference data ({{prompt, chosen, rejected}} rows), and supervised "
+            "training (train.method: sft) learns from answers, not from pairs",
+            "set train.method: dpo or orpo to train on the pairs, or convert the rows to "
+            "{prompt, completion} (the chosen answer as the completion)",
+        )
     eos = eos_id(tokenizer)
     if fmt == "chat" and not getattr(tokenizer, "chat_template", None):
         raise DataError(

@@ -293,6 +293,7 @@ def _cross_checks(recipe: Recipe, lines: dict) -> list[str]:
         problems.append(f"{_where(('lora', 'target_modules'), lines)}'lora.target_modules' is an empty list")
     if isinstance(d.train, list) and not d.train:
         problems.append(f"{_where(('data', 'train'), lines)}'data.train' is an empty list")
+    problems.extend(_method_checks(recipe, lines))
     return problems + _lora_init_checks(recipe, lines) + _mix_checks(d, lines) + _early_stopping_checks(recipe, lines)
 
 
@@ -352,5 +353,34 @@ def _early_stopping_checks(recipe: Recipe, lines: dict) -> list[str]:
         problems.append(
             f"{_where(('train', 'save_every'), lines)}train.keep_best saves a checkpoint at every evaluation: "
             f"leave train.save_every unset or equal to train.eval_every ({t.eval_every or 'unset: every epoch'})"
+        )
+    return problems
+
+
+def _method_checks(recipe: Recipe, lines: dict) -> list[str]:
+    """train.method against the data settings: preference pairs for dpo/orpo, and only for them."""
+    method, d = recipe.train.method, recipe.data
+    where = _where(("train", "method"), lines) or _where(("data", "format"), lines)
+    if method == "sft" and d.format == "preference":
+        return [f"{_where(('data', 'format'), lines)}data.format: preference needs train.method: dpo or orpo "
+                "(supervised training learns from answers, not from chosen/rejected pairs)"]
+    if method == "sft":
+        return []
+    problems = []
+    if d.format not in ("auto", "preference"):
+        problems.append(
+            f"{where}train.method: {method} trains on preference pairs, but data.format is {d.format}: "
+            "use data.format: preference (or auto) with {prompt, chosen, rejected} rows"
+        )
+    if d.packing:
+        problems.append(
+            f"{_where(('data', 'packing'), lines)}data.packing does not apply to train.method: {method} "
+            "(each pair is scored as its own chosen and rejected rows): set data.packing: false"
+        )
+    if isinstance(d.train, list) and not all(isinstance(e, str) for e in d.train):
+        # (data/mixing.py draws supervised examples; pairs would need their own draw, not written yet)
+        problems.append(
+            f"{_where(('data', 'train'), lines)}data.train entries ({{path, weight}}: a weighted mix) are for "
+            f"train.method: sft; for {method}, give data.train as one file or a list of files"
         )
     return problems

@@ -95,7 +95,7 @@ class LoraSection:
     )
 
 
-DataFormat = Literal["auto", "text", "completion", "alpaca", "chat"]
+DataFormat = Literal["auto", "text", "completion", "alpaca", "chat", "preference"]
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,8 @@ class DataConfig:
     format: DataFormat = opt(
         "auto",
         "Row format. text: {text}; completion: {prompt, completion}; alpaca: {instruction, "
-        "input, output}; chat: {messages: [{role, content}]}; auto: picked from the columns.",
+        "input, output}; chat: {messages: [{role, content}]}; preference (train.method dpo/orpo): "
+        "{prompt, chosen, rejected}, strings or lists of messages; auto: picked from the columns.",
     )
     max_length: int = opt(512, "Longest example in tokens.", range=(2, None, True, None))
     too_long: Literal["truncate", "drop", "error"] = opt(
@@ -158,6 +159,17 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    method: Literal["sft", "dpo", "orpo"] = opt(
+        "sft",
+        "sft: supervised fine-tuning on answers. dpo / orpo: preference tuning on {prompt, chosen, "
+        "rejected} pairs with TRL's DPOTrainer / ORPOTrainer (docs/preference.md).",
+    )
+    beta: float = opt(
+        0.1,
+        "dpo / orpo strength: DPO's beta (how far the adapter may move from the base; the base, "
+        "adapter off, is the reference) or ORPO's lambda (weight of the odds-ratio term).",
+        range=(0, None, False, None),
+    )
     epochs: float = opt(1, "Passes over the training data.", range=(0, None, False, None))
     max_steps: int | None = opt(
         None, "Stop after this many optimizer steps (overrides epochs).", range=(1, None, True, None)

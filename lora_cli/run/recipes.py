@@ -95,14 +95,14 @@ def trained_on_chat(paths: RunPaths, recipe: Recipe) -> bool:
         data = None
     fmt = data.format if data is not None else None
     if fmt:
-        return "chat" in fmt.split("+")  # a mix of sources: "chat+completion"
-    if recipe.data.format != "auto":
+        return "chat" in fmt.split("+") or fmt == "preference-chat"  # a mix: "chat+completion"; chat pairs (dpo/orpo)
+    if recipe.data.format not in ("auto", "preference"):
         return recipe.data.format == "chat"
     try:
         first = load_records(recipe.data.train)[0]
     except LoraError:
         return False
-    return "messages" in first
+    return "messages" in first or isinstance(first.get("prompt"), list)
 
 
 def run_base_path(run: Path) -> Path | None:

@@ -37,9 +37,10 @@ def _clean(value):
 class MetricsFileCallback(TrainerCallback):
     """Appends one JSON object per training log (step, loss, learning_rate, ...) or eval."""
 
-    def __init__(self, path: Path, tokens):
+    def __init__(self, path: Path, tokens, extra_keys: tuple[str, ...] = ()):
         self.path = Path(path)
         self.tokens = tokens  # TokenCounter: throughput figures added to each training line
+        self.keys = _TRAIN_KEYS + tuple(extra_keys)  # extra: a method's own metrics (dpo: rewards/...)
 
     def on_train_begin(self, args, state, control, **kwargs):
         """Training starts at state.global_step (a --resume's checkpoint, or 0): drop the lines of
@@ -64,7 +65,7 @@ class MetricsFileCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         if "loss" in logs:
-            line = {"step": state.global_step, **{k: logs[k] for k in _TRAIN_KEYS if k in logs}}
+            line = {"step": state.global_step, **{k: logs[k] for k in self.keys if k in logs}}
             line.update(self.tokens.snapshot())
             line["time"] = round(time.time(), 3)  # wall clock: step timings (scripts/bench) need it
         elif any(k.startswith(_EVAL_PREFIX) for k in logs):
@@ -148,6 +149,8 @@ class ProgressCallback(TrainerCallback):
             self.last["rate"] = self.tokens.rate
         if "eval_loss" in logs:
             self.last["eval_loss"] = logs["eval_loss"]
+        if "rewards/accuracies" in logs:  # dpo / orpo: how often the chosen answer wins
+            self.last["accuracy"] = logs["rewards/accuracies"]
         if self.progress is not None:
             self.progress.update(self.task, info=self._info())
         elif "loss" in logs or "eval_loss" in logs:
@@ -165,6 +168,8 @@ class ProgressCallback(TrainerCallback):
                 parts[-1] += f" ({steps} skipped)"
         if "eval_loss" in self.last:
             parts.append(f"eval {self.last['eval_loss']:.4f}")
+        if "accuracy" in self.last:
+            parts.append(f"pref acc {self.last['accuracy']:.2f}")
         if self.last.get("lr") is not None:
             parts.append(f"lr {self.last['lr']:.2e}")
         rate = self.last.get("rate")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lora_cli.console import quiet_libraries
+from lora_cli.data.preference import prepare_preferences
 from lora_cli.data.prepare import PreparedData, prepare_data
 from lora_cli.data.records import check_sources
 from lora_cli.model.facts import check_model_context
@@ -43,5 +44,8 @@ def read_inputs(recipe: Recipe) -> RunInputs:
     # data.max_length past learned positions (GPT-2): exit 2 now, not an IndexError mid-run.
     context_warning = check_model_context(recipe.model, recipe.data.max_length)
     tokenizer = load_tokenizer(recipe.model, source)
-    data = prepare_data(recipe.data, tokenizer, seed=recipe.train.seed, batch_size=recipe.train.batch_size)
+    if recipe.train.method != "sft":  # dpo / orpo: preference pairs (data/preference.py)
+        data = prepare_preferences(recipe.data, tokenizer, seed=recipe.train.seed, method=recipe.train.method)
+    else:
+        data = prepare_data(recipe.data, tokenizer, seed=recipe.train.seed, batch_size=recipe.train.batch_size)
     return RunInputs(source=source, tokenizer=tokenizer, data=data, context_warning=context_warning)

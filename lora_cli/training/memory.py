@@ -44,6 +44,12 @@ Memory to train, per method (B = train.batch_size, T = data.max_length, b = byte
                  (bench, long QLoRA profile, above the RSS once the data is prepared: live tensors
                  peak at 0.38 GB, tcmalloc's RSS, what `lora train` runs with on CPU, at 0.46 GB;
                  the largest term alone would give 0.39 GB, the sum 0.52 GB)
+  preference   train.method dpo / orpo: each pair's chosen and rejected rows run as one batch, so
+               the activations are those of 2·B rows; the loss term is TRL's: DPO projects
+               log-probabilities in tiles of at most 4096 tokens x 32768 vocabulary entries in
+               float32 (the tile and its gradient), ORPO takes the full logits (as for full
+               fine-tuning above); DPO's reference forward (adapter off, no gradient) keeps
+               nothing for the backward pass and is not counted
   loading      the checkpoint read through a memory map (P·b); QLoRA reads it tensor by tensor
                (model/loading.py, read_checkpoint_without_mmap): the quantized weights, the
                tensors left unquantized, and one full-precision weight being quantized;
@@ -119,6 +125,7 @@ class Estimate:
     weight_bytes: int
     compute_bytes: int
     adapter_bytes: int
+    training_method: str = "sft"  # train.method: dpo / orpo run 2·B rows (chosen + rejected)
     memory: dict[str, dict[str, float]] = field(default_factory=dict)  # method -> part -> bytes
     method: str = "lora"  # what the recipe uses
     optimizer: str = "adamw_torch"
@@ -254,12 +261,15 @@ def estimate_memory(recipe: Recipe, config=None) -> Estimate:
     m, t = recipe.model, recipe.train
     b = _dtype_bytes(m.dtype)
     compute = _dtype_bytes(m.compute_dtype) if m.compute_dtype != "auto" else b
-    tokens = t.batch_size * recipe.data.max_length
+    rows_per_example = 1 if t.method == "sft" else 2  # dpo / orpo: chosen and rejected in one batch
+    tokens = rows_per_example * t.batch_size * recipe.data.max_length
     logits = 4 * tokens * shape.vocab * 4
     chunk = _chunked_loss_rows(shape.model_type)
 
     def lora_logits(nbytes: int) -> float:
-        if not chunk:
+        if t.method == "dpo":  # TRL's fused head: one float32 tile and its gradient
+            return 2 * min(tokens, TRL_TOKEN_TILE) * min(shape.vocab, TRL_VOCAB_TILE) * 4
+        if t.method == "orpo" or not chunk:  # ORPOTrainer takes the full logits
             return logits
         # training/loss.py: one chunk of supervised positions is projected at a time, in float32
         # (+ its 16-bit matmul output when the head computes in 16 bits)
@@ -316,12 +326,17 @@ def estimate_memory(recipe: Recipe, config=None) -> Estimate:
         weight_bytes=b,
         compute_bytes=compute,
         adapter_bytes=int(adapter),
+        training_method=t.method,
         memory=memory,
         method=method,
         optimizer=t.optimizer,
         lora_init=recipe.lora.init,
         lora_r=recipe.lora.r,
     )
+
+
+# TRL's fused log-probability head (trl.kernels.chunked_logprob, DPOTrainer): tokens x vocabulary per tile
+TRL_TOKEN_TILE, TRL_VOCAB_TILE = 4096, 32768
 
 
 def _full_optimizer_bytes(name: str, shapes: list[tuple[tuple, bool]], nbytes: int) -> int:
@@ -354,7 +369,9 @@ def estimate_lines(est: Estimate) -> list[str]:
         f"adapter on disk: {human_bytes(est.adapter_bytes)} (safetensors, float32"
         + (f"; rank {2 * est.lora_r} after the {est.lora_init} conversion)" if est.lora_init in CONVERTED else ")"),
         f"memory to train, batch {est.batch_size} x {est.max_length} tokens "
-        f"({est.weight_bytes * 8}-bit weights; not counting ~0.5-1 GB for Python and the libraries):",
+        + (f"(x2: chosen and rejected rows, train.method {est.training_method}) "
+           if est.training_method != "sft" else "")
+        +         f"({est.weight_bytes * 8}-bit weights; not counting ~0.5-1 GB for Python and the libraries):",
     ]
     header = f"  {'':<12}" + "".join(f"{name:>12}" for name in ("full", "LoRA", "QLoRA"))
     out.append(header)

@@ -10,6 +10,7 @@ directory, calls `train` and records how the run ended, whatever stops it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -51,6 +52,7 @@ from lora_cli.training.evaluation import evaluation_rows
 from lora_cli.training.inputs import RunInputs
 from lora_cli.training.memory import estimate_memory
 from lora_cli.training.peaks import peak_memory, peak_memory_line
+from lora_cli.training.preference import PREFERENCE_METRICS, preference_trainer
 from lora_cli.training.preflight import ignored_settings
 from lora_cli.training.resume import data_fingerprint
 from lora_cli.training.trainer import LoraTrainer
@@ -73,6 +75,7 @@ def train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None, inputs: RunI
     say(f"model: {source.description}, {describe_precision(recipe.model)}")
     if inputs.context_warning:
         say(f"warning: {inputs.context_warning}")
+    preference = recipe.train.method != "sft"  # dpo / orpo: pairs, and TRL's trainers (training/preference.py)
     for line in data.report.lines():
         say(line)
     for note in ignored_settings(recipe, data):
@@ -102,8 +105,13 @@ def train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None, inputs: RunI
 
     base = load_base_model(recipe.model, source)
     quantized = recipe.model.quantization != "none"
+    lora = recipe.lora
+    if preference and lora.dropout > 0:  # policy and reference log-probs from one deterministic network
+        say(f"note: lora.dropout {lora.dropout:g} is not used by train.method: {recipe.train.method} (dropout off, "
+            "as TRL's preference trainers run)")
+        lora = dataclasses.replace(lora, dropout=0.0)
     model = attach_lora(
-        base, recipe.lora, quantized=quantized, gradient_checkpointing=recipe.train.gradient_checkpointing,
+        base, lora, quantized=quantized, gradient_checkpointing=recipe.train.gradient_checkpointing,
         weights_dir=weights_directory(source) if recipe.lora.init == "loftq" else None,
     )
     initial = initial_adapter(model, recipe.lora)  # PiSSA / OLoRA: the adapter is saved converted
@@ -122,15 +130,24 @@ def train(recipe: Recipe, paths: RunPaths, checkpoint: Path | None, inputs: RunI
     progress = ProgressCallback(tokens)
     if "tensorboard" in recipe.train.report_to:  # transformers 5 reads the event-file directory from here
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(paths.tensorboard)
-    trainer = LoraTrainer(
-        model=model,
-        args=training_arguments(recipe, paths, has_validation=bool(data.validation)),
-        train_dataset=data.train,
-        eval_dataset=validation or None,
-        data_collator=Collator(tokenizer.pad_token_id, count_tokens=True),
-        processing_class=tokenizer,
-        callbacks=[MetricsFileCallback(paths.metrics, tokens), progress, stopper, *early_stop],
-    )
+    args = training_arguments(recipe, paths, has_validation=bool(data.validation))
+    metrics_file = MetricsFileCallback(paths.metrics, tokens, extra_keys=PREFERENCE_METRICS if preference else ())
+    if preference:
+        trainer = preference_trainer(
+            recipe.train.method, model=model, args=args, beta=recipe.train.beta, max_length=recipe.data.max_length,
+            train=data.train, validation=validation, tokenizer=tokenizer,
+            callbacks=[metrics_file, progress, stopper, *early_stop],
+        )
+    else:
+        trainer = LoraTrainer(
+            model=model,
+            args=args,
+            train_dataset=data.train,
+            eval_dataset=validation or None,
+            data_collator=Collator(tokenizer.pad_token_id, count_tokens=True),
+            processing_class=tokenizer,
+            callbacks=[metrics_file, progress, stopper, *early_stop],
+        )
     trainer.remove_callback(PrinterCallback)  # our ProgressCallback replaces its raw log dicts
     trainer.tokens = tokens
     trainer.keep_best = recipe.train.keep_best

@@ -27,6 +27,8 @@ Profiles (scripts/bench/synthetic.py, seeded; nothing committed but the generato
     flan   short examples of widely varied length     SmolLM2-135M cut to its first 6 layers
     long   long examples of nearly equal length       SmolLM2-135M cut to its first 6 layers
     real   the quickstart's Devil's Dictionary pairs  SmolLM2-135M-Instruct, all 30 layers
+    dpo    (not in the default list) train.method: dpo against TRL's DPOTrainer + get_peft_model,
+           on data/devils-dpo pairs: scripts/bench/preference.py has its candidates and settings
 
 (The cut models keep real pretrained weights and tokenizer; 6 layers make a profile take a
 minute instead of five.) Per candidate: supervised and non-pad tokens/s (steady state: steps 3
@@ -620,7 +622,13 @@ def main() -> None:
         + f"; {matmul['matmul']} matmul peak {peak / 1e9:.1f} GFLOP/s"
     )
     report = {"machine": machine, "profiles": {}}
-    for profile in args.profiles.split(","):
+    profiles = args.profiles.split(",")
+    if "dpo" in profiles:  # its own candidates: lora train DPO vs TRL's DPOTrainer (scripts/bench/preference.py)
+        import preference
+
+        profiles.remove("dpo")
+        report["profiles"]["dpo"] = preference.dpo_profile(args.repeats, env)
+    for profile in profiles:
         model, files = prepare_profile(profile)
         flops = run_child(self_worker("flops", {"model": str(model), "mean_length": files["mean_length"]}), env)[0]
         batch, steps = PROFILES[profile]["batch"], PROFILES[profile]["steps"]
