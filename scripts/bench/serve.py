@@ -2,7 +2,7 @@
 adapter vs spread over three adapters, against the same requests through `lora generate` one
 after another.
 
-    .venv/bin/python scripts/bench/serve.py [--model quickstart|tiny] [--new-tokens 64] [--rounds 2]
+    .venv/bin/python scripts/bench/serve.py [--model quickstart|tiny] [--new-tokens 64] [--rounds 4]
                                             [--no-prefix-cache] [--out build/bench/serve.json]
 
 quickstart (what `make bench` runs): SmolLM2-135M-Instruct, the embedded model, with three adapters
@@ -106,15 +106,22 @@ def load(url: str, clients: int, rounds: int, models: list[str], asks: list[str]
                 done.append((time.perf_counter() - start, reply.json()["usage"]["completion_tokens"]))
         return done
 
+    before = httpx.get(url + "/health").json()
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         results = [x for per_client in pool.map(client, range(clients)) for x in per_client]
     wall = time.perf_counter() - start
+    after = httpx.get(url + "/health").json()
     latencies = sorted(s for s, _ in results)
     tokens = sum(t for _, t in results)
+    # Each request's first token comes from reading its prompt; the rest from decoding steps, whose
+    # mean number of rows says how full the batch really was (answers of unequal length drain it).
+    steps = after["steps"] - before["steps"]
     return {"clients": clients, "requests": len(results), "tokens": tokens, "wall_s": round(wall, 3),
             "tokens_per_s": round(tokens / wall, 2), "p50_s": round(statistics.median(latencies), 3),
-            "p95_s": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 3)}
+            "p95_s": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 3),
+            "rows_per_step": round((tokens - len(results)) / steps, 2) if steps else None,
+            "prefix_tokens_reused": after.get("prefix_tokens_reused", 0) - before.get("prefix_tokens_reused", 0)}
 
 
 def sequential_generate(run: Path, asks: list[str], new_tokens: int, env: dict) -> dict:
@@ -134,7 +141,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=("quickstart", "tiny"), default="tiny")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=2, help="requests per client, one after another")
+    parser.add_argument("--rounds", type=int, default=4, help="requests per client, one after another")
     parser.add_argument("--out", type=Path, default=WORK / "serve.json")
     parser.add_argument("--no-prefix-cache", action="store_true",
                         help="serve with --no-prefix-cache (every prompt read whole), for an A/B of the cache")
@@ -156,7 +163,8 @@ def main() -> None:
                 result = load(url, clients, args.rounds, models, asks, args.new_tokens)
                 results[f"{mode}/{clients}"] = result
                 print(f"{mode:15} {clients:2} clients: {result['tokens_per_s']:8.1f} tok/s  "
-                      f"p50 {result['p50_s']:.2f} s  p95 {result['p95_s']:.2f} s", file=sys.stderr)
+                      f"p50 {result['p50_s']:.2f} s  p95 {result['p95_s']:.2f} s  "
+                      f"{result['rows_per_step']} rows/step", file=sys.stderr)
         report["serve"] = results
     finally:
         process.terminate()
