@@ -427,3 +427,21 @@ def test_a_nonfinite_batch_on_one_rank_is_skipped_by_every_rank(tiny_llama, tmp_
     assert finite == pytest.approx([m["loss"] for m in theirs if not m.get("skipped_steps")], abs=1e-4)
     assert f"warning: {len(skipped)} of {steps} steps were skipped" in result.stdout
     assert_loads_with_plain_peft(model, run_dir / "adapter", reference / "adapter")
+
+
+def test_a_finished_rank_leaves_the_process_group(monkeypatch):
+    """Every rank of a finished (or agreed-stopped) run destroys its process group before exiting:
+    left to the interpreter's exit, gloo now and then aborted a rank of a completed run with
+    SIGABRT ("terminate called without an active exception", pytorch/pytorch#190489; 3 of 45
+    four-process launches here, none of 30 with the group destroyed)."""
+    import torch.distributed
+
+    store = torch.distributed.HashStore()
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what a rank of a 2-process launch sees
+    try:
+        distributed.leave()
+        assert not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
