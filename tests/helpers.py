@@ -111,3 +111,20 @@ def without_cpu_bf16_repacking(model):
 
     keep_4bit_weights_as_trained(model)
     return model
+
+
+def assert_greedy_up_to_near_ties(model, prompt: list[int], answer: list[int], *, near_tie: float) -> None:
+    """`answer`, another runtime's greedy continuation of `prompt` (llama.cpp running an exported
+    file), is `model`'s own greedy choice at every step, up to near-ties: fed back through `model`,
+    each token is its top choice or within `near_tie` logits of it. Two runtimes that round
+    differently can part ways at a near-tie and both be right; a wrong model misses by far more."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1 : -1].float()
+    for step, (row, token) in enumerate(zip(logits, answer)):
+        gap = (row.max() - row[token]).item()
+        assert gap <= near_tie, (
+            f"step {step}: the runtime picked token {token}, {gap:.3f} logits below the model's top choice "
+            f"{int(row.argmax())} (near-ties allowed up to {near_tie})"
+        )

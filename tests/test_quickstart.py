@@ -14,8 +14,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from tests.helpers import assert_greedy_up_to_near_ties
 
 REPO = Path(__file__).resolve().parent.parent
+
+# How far below the top choice a token llama.cpp picks may be (see the test's last check).
+NEAR_TIE = 0.25  # logits
 
 pytestmark = [
     pytest.mark.slow,
@@ -79,7 +85,7 @@ def test_quickstart_smoke(tmp_path):
 
     # The quickstart's next step: the model for Ollama / llama.cpp, checked by the export itself
     # (transformers reads the file back) and, where llama.cpp is installed, by llama.cpp: its greedy
-    # answer is `lora generate --temperature 0`'s on the merged model.
+    # answer is the merged model's greedy answer, up to near-ties (see below).
     exported = lora("export", str(run), "--format", "ollama", "--quant", "f16", "--json", cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr[-3000:]
     result = json.loads(exported.stdout)
@@ -91,10 +97,6 @@ def test_quickstart_smoke(tmp_path):
     assert result["check"]["kl"] < 0.01 < result["check"]["fine_tune_kl"]
     if importlib.util.find_spec("llama_cpp") is None:
         return
-    merged = lora("generate", "Define: Observatory", "--model", str(run / "merged"), "--chat", "--temperature", "0",
-                  "--max-new-tokens", "20", "--json", cwd=tmp_path)
-    assert merged.returncode == 0, merged.stderr[-3000:]
-    expected = json.loads(merged.stdout)["output"]
     script = (
         "import sys, json\n"
         "from llama_cpp import Llama\n"
@@ -105,12 +107,22 @@ def test_quickstart_smoke(tmp_path):
         "llm = Llama(model_path=sys.argv[1], n_ctx=256, verbose=False)\n"
         "out = []\n"
         "for t in llm.generate(ids, temp=0.0, top_k=1):\n"
-        "    if t == tok.eos_token_id: break\n"
         "    out.append(t)\n"
-        "    if len(out) == 20: break\n"
-        "print(json.dumps(tok.decode(out, skip_special_tokens=True)))\n"
+        "    if t == tok.eos_token_id or len(out) == 20: break\n"
+        "print(json.dumps({'prompt': ids, 'answer': out}))\n"
     )
     cpp = subprocess.run([sys.executable, "-c", script, str(model_file), str(run / "merged")], capture_output=True,
                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert cpp.returncode == 0, cpp.stderr[-3000:]
-    assert json.loads(cpp.stdout.strip().splitlines()[-1]) == expected
+    answer = json.loads(cpp.stdout.strip().splitlines()[-1])
+    assert len(answer["answer"]) >= 5, answer
+    # Token by token rather than the text: the merged model is bfloat16, and its own cached greedy
+    # decoding parts ways with float32 at near-ties ("," and "." were 0.07 logits apart after three
+    # steps in one CI run, and llama.cpp's f16 file picked float32's "."). So every token llama.cpp
+    # picked, fed back through the merged model in float32, must be its top choice or within
+    # NEAR_TIE logits of it (here all were the top choice); a broken export (weights, RoPE,
+    # tokenizer, chat template) misses by logits, not hundredths.
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(run / "merged", dtype=torch.float32).eval()
+    assert_greedy_up_to_near_ties(merged, answer["prompt"], answer["answer"], near_tie=NEAR_TIE)
