@@ -1,5 +1,5 @@
 """LoRA dropout and input cast folded into lora_A (lora_cli/model/lean_dropout.py): same training,
-less memory."""
+less memory, and on the CPU masks drawn faster than F.dropout's."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_cli.model.lean_dropout import DropoutThenLinear, fold_lora_dropout
+from lora_cli.model.lean_dropout import DropoutThenLinear, cpu_dropout_mask, fold_lora_dropout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,13 +52,40 @@ def _train_steps(model, steps: int = 3) -> tuple[list[float], list[dict]]:
     return losses, grads
 
 
+class SameMasksDropout(torch.nn.Module):
+    """peft's dropout module drawing the folded layer's CPU masks: plain peft given the same masks."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        dropped, scale = cpu_dropout_mask(x, self.p)
+        return x.masked_fill(dropped, 0) * scale
+
+
+def _with_same_masks(model):
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, torch.nn.ModuleDict):
+            for name, dropout in list(dropouts.items()):
+                if type(dropout) is torch.nn.Dropout:
+                    dropouts[name] = SameMasksDropout(dropout.p)
+    return model
+
+
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient-checkpointing"])
 @pytest.mark.parametrize("dtype,dropout", [(torch.float32, 0.3), (torch.bfloat16, 0.3), (torch.bfloat16, 0.0)],
                          ids=["float32", "bfloat16", "bfloat16-no-dropout"])
-def test_folded_dropout_trains_exactly_like_peft(tiny_model, checkpointing, dtype, dropout):
-    """A bfloat16 base trains float32 adapters (peft's default): there the cast is folded too,
-    with or without dropout."""
-    plain = _peft_model(tiny_model, dropout=dropout, checkpointing=checkpointing, dtype=dtype)
+def test_folded_dropout_trains_like_peft(tiny_model, checkpointing, dtype, dropout):
+    """The folded layer against peft's own, given the same masks (peft's dropout module swapped for
+    one drawing `cpu_dropout_mask`'s): the losses and every gradient agree, so the backward pass
+    redraws the forward's masks. Only the order of the scaling differs (after lora_A when folded),
+    hence rounding tolerances (below); with no dropout there is nothing to reorder: bit for bit.
+    A bfloat16 base trains float32 adapters (peft's default): there the cast is folded too."""
+    plain = _with_same_masks(_peft_model(tiny_model, dropout=dropout, checkpointing=checkpointing, dtype=dtype))
     folded = _peft_model(tiny_model, dropout=dropout, checkpointing=checkpointing, dtype=dtype)
     assert {p.dtype for n, p in folded.named_parameters() if "lora_" in n} == {torch.float32}
     assert fold_lora_dropout(folded) > 0
@@ -66,15 +93,44 @@ def test_folded_dropout_trains_exactly_like_peft(tiny_model, checkpointing, dtyp
     plain_losses, plain_grads = _train_steps(plain)
     folded_losses, folded_grads = _train_steps(folded)
 
-    assert folded_losses == plain_losses  # the same masks: bit for bit
-    for ours, theirs in zip(folded_grads, plain_grads):
+    if dropout == 0:  # nothing reordered: bit for bit
+        steps, loss_rtol, grad_rtol = 3, 0.0, 0.0
+    elif dtype == torch.float32:  # measured: 2e-6 of the largest gradient
+        steps, loss_rtol, grad_rtol = 3, 1e-5, 1e-5
+    else:  # bfloat16 rounds the sum of base and adapter, amplifying the reordering (measured on
+        # the tiny Llama at the first step: 1.5% of the largest gradient, 2e-4 of the loss; with
+        # F.dropout's masks instead: 200% and 5e-3); later steps compound it: the first is compared
+        steps, loss_rtol, grad_rtol = 1, 1e-3, 5e-2
+    for ours, theirs in zip(folded_losses[:steps], plain_losses[:steps]):
+        assert abs(ours - theirs) <= loss_rtol * abs(theirs), (folded_losses, plain_losses)
+    for ours, theirs in zip(folded_grads[:steps], plain_grads[:steps]):
         assert ours.keys() == theirs.keys()
-        for name in ours:
-            torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1e-7, msg=name)
+        for name in ours:  # relative to the tensor's largest gradient
+            assert (ours[name] - theirs[name]).abs().max().item() <= grad_rtol * theirs[name].abs().max().item(), name
     if dropout > 0:  # and the dropout is really on: a second forward in training mode gives another loss
         ids = torch.randint(0, folded.config.vocab_size, (2, 16))
         with torch.no_grad():
             assert folded(input_ids=ids, labels=ids).loss != folded(input_ids=ids, labels=ids).loss
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_cpu_dropout_masks_drop_at_the_rate_asked(p):
+    """Each of the four 16-bit draws in a 64-bit word drops at p (a word drawn over int64's
+    default range would keep its top bit 0 and drop one element in four far less often), the
+    kept elements are scaled to an unbiased mean, and the masks follow the seeded generator."""
+    x = torch.ones(1_000_003)  # not a multiple of 4: the last word is partly used
+    torch.manual_seed(7)
+    dropped, scale = cpu_dropout_mask(x, p)
+    sigma = (p * (1 - p) / (x.numel() / 4)) ** 0.5
+    for lane in range(4):
+        assert abs(dropped[lane::4].float().mean().item() - p) < 6 * sigma, lane
+    rate = round(p * 65536) / 65536
+    assert abs(rate - p) < 1e-5 and scale * (1 - rate) == pytest.approx(1, abs=1e-12)
+    kept_mean = x.masked_fill(dropped, 0).mul(scale).mean().item()
+    assert abs(kept_mean - 1) < 6 * (p / (1 - p) / x.numel()) ** 0.5
+    torch.manual_seed(7)
+    assert torch.equal(cpu_dropout_mask(x, p)[0], dropped)
+    assert not torch.equal(cpu_dropout_mask(x, p)[0], dropped)
 
 
 def test_folded_dropout_is_off_in_eval_and_saves_the_standard_adapter(tiny_llama, tmp_path):
