@@ -86,12 +86,10 @@ def run(recipe: Recipe, *, recipe_path: str | None, resume: bool, overwrite: boo
         from lora_cli.training import session
 
         model, final = session.train(recipe, paths, checkpoint, inputs)
-        distributed.leave()
         return TrainResult(paths, model, final)
-    except Interrupted:  # every rank agreed to stop and saved its checkpoint: no collective is pending
+    except Interrupted:
         if main and not completed():
             update_record(paths, status="interrupted")
-        distributed.leave()
         raise
     except KeyboardInterrupt:
         if main and completed():

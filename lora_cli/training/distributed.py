@@ -152,19 +152,6 @@ def _group_ready() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def leave() -> None:
-    """Leave the process group once this rank's work is done (every collective finished).
-
-    Left to the interpreter's exit, gloo's worker threads are torn down in no set order, and now
-    and then a rank of a completed run aborted there ("terminate called without an active
-    exception", SIGABRT: the launcher then fails the whole run). Not called on failure paths: a
-    group whose peer died may block in its teardown."""
-    if _group_ready():
-        import torch.distributed
-
-        torch.distributed.destroy_process_group()
-
-
 def barrier() -> None:
     if _group_ready():
         import torch.distributed
