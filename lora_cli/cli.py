@@ -474,8 +474,9 @@ def entry() -> None:
     # rank of a completed run now and then aborted there ("terminate called without an active
     # exception", SIGABRT: the launcher then fails the whole run), also after destroying the
     # process group (4-process gloo DDP launches: 1 of 10 aborted, 3 of 25 with the group destroyed,
-    # none of 70 ending by os._exit, 40 of them on a busy machine). Its work is on disk by then (every artifact is written atomically
-    # and closed): what is left is flushing the output, and keeping the exit code.
+    # none of 70 ending by os._exit, 40 of them on a busy machine). Its work is on disk by then
+    # (every artifact is written atomically and closed): what is left is flushing the output, and
+    # keeping the exit code.
     try:
         main()
         code = 0
