@@ -35,8 +35,9 @@ def active_allocator() -> str:
     return "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "system"
 
 
-def reexec_with_tcmalloc() -> None:
-    """Replace this process by itself with tcmalloc preloaded, if available and not yet done."""
+def reexec_with_tcmalloc(argv: list[str] | None = None) -> None:
+    """Replace this process by itself with tcmalloc preloaded, if available and not yet done.
+    `argv`: what follows the interpreter (default: `-m lora_cli` and this command's arguments)."""
     if os.environ.get("LORA_ALLOCATOR", "tcmalloc") == "system" or active_allocator() == "tcmalloc":
         return
     if sys.platform != "linux":
@@ -51,4 +52,4 @@ def reexec_with_tcmalloc() -> None:
     env["LORA_ALLOCATOR_ACTIVE"] = library
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "lora_cli", *sys.argv[1:]], env)
+    os.execve(sys.executable, [sys.executable, *(argv or ["-m", "lora_cli", *sys.argv[1:]])], env)

@@ -481,9 +481,10 @@ def entry() -> None:
         main()
         code = 0
     except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else 0 if done.code is None else 1
-        if not isinstance(done.code, (int, type(None))):
-            print(done.code, file=sys.stderr)
+        code = done.code or 0
+        if not isinstance(code, int):  # sys.exit("message"), as Python itself reports it
+            print(code, file=sys.stderr)
+            code = 1
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -35,17 +35,6 @@ MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::ma
 ATTENTION_PREFIXES = ("aten::_scaled_dot_product", "aten::scaled_dot_product", "aten::_flash_attention")
 
 
-def reexec_with_allocator() -> None:
-    """tcmalloc preloaded, as `lora train` has it (lora_cli/allocator.py), for this script."""
-    from lora_cli.allocator import active_allocator, find_tcmalloc
-
-    library = find_tcmalloc()
-    if library is None or active_allocator() == "tcmalloc" or os.environ.get("LORA_ALLOCATOR") == "system":
-        return
-    env = {**os.environ, "LD_PRELOAD": library, "LORA_ALLOCATOR": "system", "LORA_ALLOCATOR_ACTIVE": library}
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
-
-
 def profiled_training(argv: list[str], warmup: int, steps: int):
     """Run `lora train ARGV` here with a profiler stepped by a Trainer callback; return it and the
     wall time of each profiled step."""
@@ -129,7 +118,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=25, help="ops listed")
     parser.add_argument("--out", type=Path, default=WORK / "profile_step.json")
     args = parser.parse_args()
-    reexec_with_allocator()
+    from lora_cli.allocator import reexec_with_tcmalloc
+
+    reexec_with_tcmalloc(sys.argv)  # as `lora train` runs
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     import torch
 
