@@ -473,10 +473,10 @@ def entry() -> None:
     # One process of a multi-process launch ends without the interpreter's teardown. With gloo, a
     # rank of a completed run now and then aborted there ("terminate called without an active
     # exception", SIGABRT: the launcher then fails the whole run), also after destroying the
-    # process group (4-process gloo DDP launches: 1 of 10 aborted, 3 of 25 with the group destroyed,
-    # none of 70 ending by os._exit, 40 of them on a busy machine). Its work is on disk by then
-    # (every artifact is written atomically and closed): what is left is flushing the output, and
-    # keeping the exit code.
+    # process group (scripts/repro_gloo_exit.py's 4-process gloo DDP launches: 1 of 10 aborted, 3
+    # of 25 with the group destroyed, none of 70 ending by os._exit, 40 of them on a busy machine).
+    # Its work is on disk by then (every artifact is written atomically and closed): what is left
+    # is flushing the output, and keeping the exit code.
     try:
         main()
         code = 0
